@@ -1,0 +1,104 @@
+"""Ranking metrics: accuracy@1 (the paper's accuracy), MRR and recall@k.
+
+A query whose gold concept is not among its candidates counts as a miss at
+every cutoff: at inference nothing inserts the gold (DESIGN.md section 2), so
+candidate generation's misses are the ranker's misses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kronlink.data.schema import Query
+from kronlink.models.base import Ranker, masked_log_softmax
+
+__all__ = ["Metrics", "evaluate", "metrics_from_ranks", "rank_of_gold", "score_queries"]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    accuracy: float
+    mrr: float
+    recall: dict[int, float] = field(default_factory=dict)
+    n: int = 0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["recall"] = {str(k): v for k, v in self.recall.items()}
+        return d
+
+
+def metrics_from_ranks(ranks: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> Metrics:
+    """``ranks``: 1-based rank of the gold per query, 0 where it is absent."""
+    n = len(ranks)
+    if n == 0:
+        return Metrics(accuracy=0.0, mrr=0.0, recall={k: 0.0 for k in ks}, n=0)
+    acc = sum(1 for r in ranks if r == 1) / n
+    mrr = sum(1.0 / r for r in ranks if r > 0) / n
+    recall = {k: sum(1 for r in ranks if 0 < r <= k) / n for k in ks}
+    return Metrics(accuracy=acc, mrr=mrr, recall=recall, n=n)
+
+
+def rank_of_gold(
+    scores: torch.Tensor, candidate_mask: torch.Tensor, labels: torch.Tensor
+) -> list[int]:
+    """1-based rank of each row's gold candidate; ties count against the gold
+    (a constant scorer must not look perfect); 0 where labels is -1."""
+    filled = scores.masked_fill(~candidate_mask, float("-inf"))
+    gold = filled.gather(1, labels.clamp_min(0).unsqueeze(1))
+    better_or_equal = ((filled >= gold) & candidate_mask).sum(1)
+    ranks = better_or_equal.where(labels >= 0, torch.zeros_like(better_or_equal))
+    return [int(r) for r in ranks.tolist()]
+
+
+@torch.no_grad()
+def score_queries(
+    model: Ranker,
+    queries: Sequence[Query],
+    *,
+    batch_size: int = 64,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[list[tuple[str, float, float]]]:
+    """Per query, its candidates as (id, score, probability) in input order."""
+    model.eval()
+    out: list[list[tuple[str, float, float]]] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        batch = model.encode(chunk).to(model.device)
+        scores = model(batch).float()
+        probs = masked_log_softmax(scores, batch.candidate_mask).exp()
+        for i, q in enumerate(chunk):
+            cands = q.candidates or ()
+            out.append(
+                [(c.id, float(scores[i, j]), float(probs[i, j])) for j, c in enumerate(cands)]
+            )
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(queries)), len(queries))
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: Ranker,
+    queries: Sequence[Query],
+    *,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10),
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Metrics:
+    """Rank every query's candidates with ``model`` and compute the metrics."""
+    was_training = model.training
+    model.eval()
+    ranks: list[int] = []
+    try:
+        for start in range(0, len(queries), batch_size):
+            batch = model.encode(queries[start : start + batch_size]).to(model.device)
+            ranks.extend(rank_of_gold(model(batch).float(), batch.candidate_mask, batch.labels))
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(queries)), len(queries))
+    finally:
+        model.train(was_training)
+    return metrics_from_ranks(ranks, ks)
