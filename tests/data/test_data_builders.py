@@ -1,0 +1,89 @@
+"""The real-task builders on a small ``limit``: shape and leakage checks."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+
+from kronlink.data._text import normalize
+from kronlink.data.builders import BUILDERS, build_task
+from kronlink.data.io import load_task, save_task
+from kronlink.data.schema import Task
+
+LIMIT = 400
+K = 10
+
+
+@cache
+def built(name: str, split_rule: str = "mention", seed: int = 0) -> Task:
+    # Each build parses the whole source file (seconds): build each variant once.
+    return build_task(name, seed=seed, split_rule=split_rule, k=K, limit=LIMIT)
+
+
+@pytest.mark.parametrize(("name", "min_concepts"), [("icd10cm", 40000), ("hpo", 15000)])
+def test_builder_sanity(name, min_concepts):
+    task = built(name)
+    assert task.name == name
+    assert len(task.concepts) >= min_concepts  # the ontology is never cut by limit
+    assert len({c.id for c in task.concepts}) == len(task.concepts)
+    assert 0 < len(task.queries) <= LIMIT
+    assert {q.split for q in task.queries} == {"train", "dev", "test"}
+    names = {c.id: normalize(c.name) for c in task.concepts}
+    all_names = set(names.values())
+    for q in task.queries:
+        assert len(q.candidates) == K
+        assert normalize(q.mention) != names[q.gold]
+        assert normalize(q.mention) not in all_names
+    assert all(q.gold_index() >= 0 for q in task.split("train"))
+    assert task.meta["filter"]["kept"] == len(task.queries)
+
+
+@pytest.mark.parametrize("name", ["icd10cm", "hpo"])
+def test_no_held_out_mention_in_ontology_synonyms(name):
+    task = built(name)
+    synonyms = {normalize(s) for c in task.concepts for s in c.synonyms}
+    train = {normalize(q.mention) for q in task.split("train")}
+    held_out = {normalize(q.mention) for s in ("dev", "test") for q in task.split(s)}
+    assert synonyms == train
+    assert not synonyms & held_out
+
+
+def test_hpo_by_concept_and_determinism():
+    task = built("hpo", "concept")
+    train = {q.gold for q in task.split("train")}
+    assert not train & {q.gold for q in task.split("test")}
+    assert not train & {q.gold for q in task.split("dev")}
+    again = build_task("hpo", seed=0, split_rule="concept", k=K, limit=LIMIT)
+    assert again.queries == task.queries and again.concepts == task.concepts
+    assert built("hpo", "concept", seed=1).queries != task.queries
+
+
+def test_icd10cm_content():
+    task = built("icd10cm")
+    by_id = {c.id: c for c in task.concepts}
+    assert by_id["A00"].name == "Cholera"
+    assert by_id["A00.0"].name.startswith("Cholera due to Vibrio cholerae")
+    assert "Salmonella" in by_id["A02"].definition  # the <includes> note
+    assert all(q.left_context == q.right_context == "" for q in task.queries)
+
+
+def test_hpo_skips_obsolete_terms():
+    task = built("hpo")
+    assert not any(c.name.startswith("obsolete") for c in task.concepts)
+    assert next(c for c in task.concepts if c.id == "HP:0000003").definition.startswith(
+        "Multicystic dysplasia"
+    )
+
+
+def test_built_task_round_trips(tmp_path):
+    task = built("hpo")
+    save_task(task, tmp_path)
+    loaded = load_task(tmp_path)
+    assert loaded.queries == task.queries and loaded.concepts == task.concepts
+
+
+def test_registry():
+    assert set(BUILDERS) == {"icd10cm", "hpo"}
+    with pytest.raises(ValueError, match="unknown task"):
+        build_task("snomed")
