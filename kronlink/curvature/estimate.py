@@ -1,0 +1,464 @@
+"""``estimate_curvature``: KFAC, EKFAC and diagonal Fisher of a ranker.
+
+One pass over the batches computes ``A``, ``G`` and the diagonal Fisher;
+EKFAC's scalings ``s = E_n[(U_Gᵀ ∇W̄_n U_A)²]`` need the eigenbases of the
+finished ``A`` and ``G``, so they take a second pass (George et al. 2018,
+Algorithm 1 re-estimates them the same way).
+
+Each pass runs the ranker forward once a batch with hooks on every covered
+module, takes the loss with ``reduction="sum"`` (so autograd's gradient at
+each position is ``g_t = ∂ℓ_n/∂y_t`` unscaled; a batch mean would give
+``g/B``), and asks autograd for the gradients of the recorded outputs. Per-
+example quantities are formed by grouping positions by example; no loop
+runs over single examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kronlink.curvature import factors as fx
+from kronlink.curvature._hooks import Call, plan, recording
+from kronlink.curvature.state import (
+    CurvatureKind,
+    CurvatureState,
+    EKFACFactors,
+    FisherType,
+    KFACFactors,
+    LayerInfo,
+    Rule,
+)
+from kronlink.errors import ConfigError, UnsupportedModuleError
+from kronlink.models.base import (
+    Ranker,
+    RankerBatch,
+    TokenLayout,
+    masked_log_softmax,
+    ranking_loss,
+)
+
+__all__ = ["estimate_curvature"]
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass
+class _Acc:
+    """Running sums for one module."""
+
+    info: LayerInfo
+    module: nn.Module
+    a: Tensor | None = None  # Σ x̄x̄ᵀ, or token counts for an Embedding
+    positions: int = 0  # number of real positions summed into ``a``
+    g: Tensor | None = None  # Σ g gᵀ
+    diag: Tensor | None = None  # Σ_n (∇W̄_n)², shaped like W̄ (or the weight)
+    diag_bias: Tensor | None = None  # LayerNorm only
+    s: Tensor | None = None  # Σ_n (U_Gᵀ ∇W̄_n U_A)²
+    ua: Tensor | None = None
+    ug: Tensor | None = None
+    calls: int = 0
+
+    @classmethod
+    def zeros(cls, info: LayerInfo, module: nn.Module, want_diag: bool, **kw) -> _Acc:
+        """Preallocated sums, so a layer that saw no real position still has
+        (zero) factors. Memory: p̄² + q² + (with the diagonal) the weight."""
+        acc = cls(info, module)
+        if info.rule is Rule.LAYERNORM:
+            acc.diag = torch.zeros(info.weight_shape, **kw).reshape(-1)
+            acc.diag_bias = torch.zeros_like(acc.diag) if info.bias else None
+            return acc
+        if info.rule is Rule.EMBEDDING:
+            acc.a = torch.zeros(info.a_dim, **kw)
+            acc.diag = torch.zeros(info.weight_shape, **kw) if want_diag else None
+        else:
+            acc.a = torch.zeros(info.a_dim, info.a_dim, **kw)
+            acc.diag = torch.zeros(info.g_dim, info.a_dim, **kw) if want_diag else None
+        acc.g = torch.zeros(info.g_dim, info.g_dim, **kw)
+        return acc
+
+
+def estimate_curvature(
+    model: Ranker,
+    batches: Iterable[RankerBatch],
+    *,
+    kinds: Sequence[str] = ("kfac", "ekfac", "diag"),
+    fisher: FisherType | str = "empirical",
+    include_other: bool = True,
+    progress: Progress | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> CurvatureState:
+    """Estimate the curvature of ``model`` on ``batches`` (DESIGN.md section 4).
+
+    For each Linear, Conv1d and Embedding (``y = W̄ x̄`` at positions t):
+
+    - ``A = mean over real (n, t) of x̄ x̄ᵀ`` (Embedding: the diagonal, token
+      counts / real positions; Conv1d: ``x̄`` is the unfolded patch),
+    - ``G = mean over n of Σ_t g_t g_tᵀ`` with ``g_t = ∂ℓ_n/∂y_t``
+      (positions treated as independent: the "expand" rule), so that
+      ``F ≈ A ⊗ G``, exact for one example at one position,
+    - ``diag F = E_n[(∇W̄_n)²]``, ``∇W̄_n = Σ_t g_t x̄_tᵀ``,
+    - EKFAC (second pass): ``s = E_n[(U_Gᵀ ∇W̄_n U_A)²]``.
+
+    LayerNorm gets ``E_n[(∇θ_n)²]`` with ``∇weight_n = Σ_t g_t ⊙ x̂_t`` and
+    ``∇bias_n = Σ_t g_t``, when ``include_other`` or ``"diag"`` is asked
+    for. ``ℓ_n`` is the ranking loss of query n with its gold label
+    (``fisher="empirical"``, the paper's eq. 3; queries with label -1 are
+    skipped) or with a label sampled from the model's own masked softmax
+    (``fisher="true"``, using ``generator``; EKFAC's second pass samples
+    afresh). Padding positions (``token_layouts``) are left out of every sum.
+
+    The model runs in eval mode (dropout off) and is restored afterwards;
+    factors are accumulated in float64 for a float64 model, else float32, and
+    returned on the CPU. ``batches`` must be re-iterable when EKFAC is asked
+    for. ``progress(step, total)`` is called after every batch.
+
+    Raises ``UnsupportedModuleError`` for a module with parameters and no
+    rule, ``ConfigError`` for bad options or a missing token layout.
+    """
+    kinds_t = _parse_kinds(kinds)
+    try:
+        fisher_t = FisherType(fisher)
+    except ValueError as exc:
+        raise ConfigError(f"fisher must be 'empirical' or 'true', got {fisher!r}") from exc
+    planned = plan(model)
+    if not planned:
+        raise ConfigError("the model has no trainable parameters")
+    want_diag = CurvatureKind.DIAG in kinds_t
+    kron = CurvatureKind.KFAC in kinds_t or CurvatureKind.EKFAC in kinds_t
+    planned = {
+        name: (m, info)
+        for name, (m, info) in planned.items()
+        if (info.kronecker and (kron or want_diag))
+        or (not info.kronecker and (include_other or want_diag))
+    }
+    two_pass = CurvatureKind.EKFAC in kinds_t
+    if two_pass and iter(batches) is batches:
+        raise ConfigError(
+            "EKFAC needs two passes over the batches; pass a list or a DataLoader, not an iterator"
+        )
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    acc_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    kw = {"dtype": acc_dtype, "device": device}
+    accs = {name: _Acc.zeros(info, m, want_diag, **kw) for name, (m, info) in planned.items()}
+    try:
+        total = len(batches) * (2 if two_pass else 1)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+
+    was_training = model.training
+    model.eval()
+    try:
+        step = 0
+        n_examples = 0
+        for calls, grads, layouts, valid in _passes(
+            model, batches, accs, fisher_t, device, generator
+        ):
+            n_examples += int(valid.sum())
+            for call, grad in zip(calls, grads, strict=True):
+                acc = accs[call.name]
+                acc.calls += 1
+                pos = _positions(acc, call, grad, layouts, valid, acc_dtype)
+                _first_pass(acc, pos, int(valid.shape[0]), want_diag)
+            step += 1
+            if progress is not None:
+                progress(step, total)
+        never = [n for n, a in accs.items() if a.calls == 0]
+        if never and n_examples:
+            raise UnsupportedModuleError(
+                f"module(s) {never} own trainable parameters but their forward never ran "
+                "(their weights are used directly elsewhere, as in MultiheadAttention), "
+                "so no curvature rule applies"
+            )
+        if n_examples == 0:
+            raise ConfigError("no batch held an example with a label; the Fisher is undefined")
+
+        kfac: dict[str, KFACFactors] = {}
+        ekfac: dict[str, EKFACFactors] = {}
+        diag: dict[str, Tensor] = {}
+        for name, acc in accs.items():
+            info = acc.info
+            if info.kronecker:
+                A = acc.a / max(acc.positions, 1)
+                G = acc.g / n_examples
+                if CurvatureKind.KFAC in kinds_t:
+                    kfac[name] = KFACFactors(A=A.cpu(), G=G.cpu())
+                if two_pass:
+                    acc.ug = fx.symmetric_eigenbasis(G)
+                    emb = info.rule is Rule.EMBEDDING
+                    acc.ua = None if emb else fx.symmetric_eigenbasis(A)
+                    shape = info.weight_shape if emb else (info.g_dim, info.a_dim)
+                    acc.s = torch.zeros(shape, **kw)
+            if acc.diag is not None:
+                diag.update(_split_diag(info, acc, n_examples))
+
+        if two_pass:
+            n_second = 0
+            for calls, grads, layouts, valid in _passes(
+                model, batches, accs, fisher_t, device, generator, kronecker_only=True
+            ):
+                n_second += int(valid.sum())
+                for call, grad in zip(calls, grads, strict=True):
+                    acc = accs[call.name]
+                    if acc.info.kronecker:
+                        _second_pass(
+                            acc,
+                            _positions(acc, call, grad, layouts, valid, acc_dtype),
+                            int(valid.shape[0]),
+                        )
+                step += 1
+                if progress is not None:
+                    progress(step, total)
+            for name, acc in accs.items():
+                if acc.info.kronecker:
+                    ekfac[name] = EKFACFactors(
+                        UA=acc.ua.cpu() if acc.ua is not None else None,
+                        UG=acc.ug.cpu(),
+                        s=(acc.s / max(n_second, 1)).cpu(),
+                    )
+    finally:
+        model.train(was_training)
+
+    layers = {name: acc.info for name, acc in accs.items()}
+    if not want_diag:
+        # Only the "other" parameters keep a diagonal (their only curvature).
+        diag = {k: v for k, v in diag.items() if not _is_kron_param(k, layers)}
+    return CurvatureState(
+        fisher=fisher_t,
+        n_examples=n_examples,
+        kinds=kinds_t,
+        include_other=include_other,
+        layers=layers,
+        kfac=kfac,
+        ekfac=ekfac,
+        diag=diag,
+    )
+
+
+def _parse_kinds(kinds: Sequence[str]) -> tuple[CurvatureKind, ...]:
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    try:
+        out = tuple(dict.fromkeys(CurvatureKind(k) for k in kinds))
+    except ValueError as exc:
+        raise ConfigError(f"kinds must be among 'kfac', 'ekfac', 'diag', got {kinds!r}") from exc
+    if not out:
+        raise ConfigError("kinds is empty")
+    return out
+
+
+def _is_kron_param(pname: str, layers: dict[str, LayerInfo]) -> bool:
+    return any(info.kronecker and pname in info.param_names for info in layers.values())
+
+
+# ---- one forward/backward per batch --------------------------------------
+
+
+def _passes(
+    model: Ranker,
+    batches: Iterable[RankerBatch],
+    accs: dict[str, _Acc],
+    fisher: FisherType,
+    device: torch.device,
+    generator: torch.Generator | None,
+    kronecker_only: bool = False,
+) -> Iterator[tuple[list[Call], list[Tensor], dict, Tensor]]:
+    watched = {n: a.module for n, a in accs.items() if a.info.kronecker or not kronecker_only}
+    for batch in batches:
+        # enable_grad: the caller may hold torch.no_grad() (an evaluation loop).
+        with torch.enable_grad():
+            yield _one_batch(model, batch.to(device), watched, fisher, generator)
+
+
+def _one_batch(
+    model: Ranker,
+    batch: RankerBatch,
+    watched: dict[str, nn.Module],
+    fisher: FisherType,
+    generator: torch.Generator | None,
+) -> tuple[list[Call], list[Tensor], dict, Tensor]:
+    with recording(watched) as rec:
+        scores = model(batch)
+    layouts = model.token_layouts(batch)
+    labels = _labels(scores.detach(), batch, fisher, generator)
+    valid = (labels >= 0) & batch.candidate_mask.any(dim=1)
+    calls = rec.calls
+    if not calls or not bool(valid.any()):
+        return [], [], layouts, valid
+    # reduction="sum": per-example gradients unscaled (never a batch mean).
+    loss = ranking_loss(scores, batch.candidate_mask, labels, reduction="sum")
+    grads = torch.autograd.grad(loss, [c.output for c in calls], allow_unused=True)
+    grads = [
+        torch.zeros_like(c.output) if g is None else g for c, g in zip(calls, grads, strict=True)
+    ]
+    # Drop the graph now: only inputs and output gradients are needed.
+    return (
+        [Call(c.name, c.module, c.index, c.input, c.output.detach()) for c in calls],
+        grads,
+        layouts,
+        valid,
+    )
+
+
+def _labels(
+    scores: Tensor, batch: RankerBatch, fisher: FisherType, generator: torch.Generator | None
+) -> Tensor:
+    if fisher is FisherType.EMPIRICAL:
+        return batch.labels
+    # True Fisher: one label per query drawn from the model's masked softmax.
+    real = batch.candidate_mask.any(dim=1)
+    probs = masked_log_softmax(scores.float(), batch.candidate_mask).exp()
+    probs = torch.where(real[:, None], probs, torch.ones_like(probs))
+    where = generator.device if generator is not None else probs.device
+    drawn = torch.multinomial(probs.to(where), 1, generator=generator).squeeze(1).to(scores.device)
+    return torch.where(real, drawn, torch.full_like(drawn, -1))
+
+
+# ---- positions of one call ----------------------------------------------
+
+
+@dataclass
+class _Positions:
+    x: Tensor  # (P, p̄) inputs (augmented), token ids (P,) or x̂ (P, D)
+    g: Tensor  # (P, q)
+    example: Tensor  # (P,)
+
+
+def _layout(call: Call, layouts: dict, n_rows: int, n_queries: int, positions_per_row: int):
+    entry = layouts.get(call.name)
+    if isinstance(entry, TokenLayout):
+        if call.index > 0:
+            raise ConfigError(
+                f"module {call.name!r} ran {call.index + 1} times in one forward; token_layouts "
+                "must give a list with one TokenLayout per call, in call order"
+            )
+        return entry
+    if isinstance(entry, list | tuple):
+        if call.index >= len(entry):
+            raise ConfigError(
+                f"module {call.name!r} ran more often than its {len(entry)} token layouts"
+            )
+        return entry[call.index]
+    if entry is None and n_rows == n_queries and positions_per_row == 1:
+        # One row per query, one position per row: nothing to mask.
+        return None
+    raise ConfigError(
+        f"token_layouts gives no layout for module {call.name!r}, whose input has "
+        f"{n_rows} rows x {positions_per_row} positions for {n_queries} queries"
+    )
+
+
+def _positions(
+    acc: _Acc, call: Call, grad: Tensor, layouts: dict, valid: Tensor, dtype: torch.dtype
+) -> _Positions:
+    rule, module = acc.info.rule, call.module
+    x = call.input
+    if rule is Rule.LINEAR:
+        n = x.shape[0] if x.dim() > 1 else 1
+        xs = x.reshape(n, -1, x.shape[-1]).to(dtype)
+        gs = grad.reshape(n, -1, grad.shape[-1]).to(dtype)
+        if module.bias is not None:
+            xs = fx.augment(xs)
+    elif rule is Rule.CONV1D:
+        if x.dim() != 3:
+            raise ConfigError(f"Conv1d {call.name!r}: expected a batched (N, C, T) input")
+        xs = fx.conv1d_patches(module, x.to(dtype))
+        if module.bias is not None:
+            xs = fx.augment(xs)
+        gs = grad.to(dtype).transpose(1, 2)
+        n = x.shape[0]
+    elif rule is Rule.EMBEDDING:
+        n = x.shape[0] if x.dim() > 0 else 1
+        xs = x.reshape(n, -1)
+        gs = grad.reshape(n, xs.shape[1], -1).to(dtype)
+    else:  # LayerNorm
+        d = len(module.normalized_shape)
+        n = x.shape[0] if x.dim() > d else 1
+        xhat = fx.layer_norm_hat(module, x.to(dtype))
+        xs = xhat.reshape(n, -1, xhat.shape[-1])
+        gs = grad.to(dtype).reshape(n, xs.shape[1], -1)
+    positions = xs.shape[1]
+    lay = _layout(call, layouts, n, valid.shape[0], positions)
+    if lay is None:
+        mask = torch.ones(n, positions, dtype=torch.bool, device=xs.device)
+        example = torch.arange(n, device=xs.device)
+    else:
+        mask, example = lay.mask.to(xs.device), lay.example.to(xs.device)
+        if mask.numel() != n * positions or example.shape != (n,):
+            raise ConfigError(
+                f"token layout of {call.name!r}: mask {tuple(mask.shape)} / example "
+                f"{tuple(example.shape)} do not fit an input of {n} rows x {positions} positions"
+            )
+        mask = mask.reshape(n, positions).bool()
+        if example.numel() and (int(example.min()) < 0 or int(example.max()) >= valid.shape[0]):
+            raise ConfigError(f"token layout of {call.name!r}: example index out of range")
+    # Positions of skipped examples (no label) count nowhere, like padding.
+    keep = mask & valid[example][:, None]
+    if rule is Rule.EMBEDDING and module.padding_idx is not None:
+        # PyTorch gives the padding row no gradient: such positions are padding.
+        keep = keep & (xs != module.padding_idx)
+    ex = example[:, None].expand(n, positions)[keep]
+    return _Positions(x=xs[keep], g=gs[keep], example=ex)
+
+
+# ---- accumulation ---------------------------------------------------------
+
+
+def _first_pass(acc: _Acc, pos: _Positions, n_queries: int, want_diag: bool) -> None:
+    rule = acc.info.rule
+    x, g, ex = pos.x, pos.g, pos.example
+    if rule is Rule.LAYERNORM:
+        gw = fx.per_example_rows(g * x, ex, n_queries)
+        _add(acc, "diag", gw.square().sum(0))
+        if acc.info.bias:
+            gb = fx.per_example_rows(g, ex, n_queries)
+            _add(acc, "diag_bias", gb.square().sum(0))
+        return
+    _add(acc, "g", g.T @ g)
+    acc.positions += int(x.shape[0])
+    if rule is Rule.EMBEDDING:
+        vocab = acc.info.weight_shape[0]
+        _add(acc, "a", torch.bincount(x, minlength=vocab).to(g.dtype))
+        if want_diag:
+            token, rows = fx.embedding_pairs(x, g, ex, vocab)
+            acc.diag.index_add_(0, token, rows.square())
+        return
+    _add(acc, "a", x.T @ x)
+    if want_diag:
+        fx.accumulate_squares(acc.diag, fx.per_example_outer(g, x, ex, n_queries), lambda c: c)
+
+
+def _second_pass(acc: _Acc, pos: _Positions, n_queries: int) -> None:
+    x, g, ex = pos.x, pos.g, pos.example
+    if acc.info.rule is Rule.EMBEDDING:
+        token, rows = fx.embedding_pairs(x, g, ex, acc.info.weight_shape[0])
+        acc.s.index_add_(0, token, (rows @ acc.ug).square())
+        return
+    ua, ug = acc.ua, acc.ug
+    fx.accumulate_squares(acc.s, fx.per_example_outer(g, x, ex, n_queries), lambda c: ug.T @ c @ ua)
+
+
+def _add(acc: _Acc, attr: str, value: Tensor) -> None:
+    getattr(acc, attr).add_(value)
+
+
+def _split_diag(info: LayerInfo, acc: _Acc, n: int) -> dict[str, Tensor]:
+    """``Σ_n (∇W̄_n)²`` -> ``F_jj`` per parameter, in each parameter's shape."""
+    names = info.param_names
+    if info.rule is Rule.LAYERNORM:
+        out = {names[0]: (acc.diag / n).reshape(info.weight_shape).cpu()}
+        if info.bias:
+            out[names[1]] = (acc.diag_bias / n).reshape(info.weight_shape).cpu()
+        return out
+    if info.rule is Rule.EMBEDDING:
+        return {names[0]: (acc.diag / n).cpu()}
+    d = acc.diag / n
+    out = {names[0]: d[:, : d.shape[1] - int(info.bias)].reshape(info.weight_shape).cpu()}
+    if info.bias:
+        out[names[1]] = d[:, -1].cpu()
+    return out

@@ -1,0 +1,131 @@
+"""The maths of the curvature estimator, free of hooks and models.
+
+Notation (DESIGN.md section 4; Martens & Grosse 2015, Grosse & Martens 2016):
+a layer ``y = W x + b`` with ``W`` (q, p) is applied at positions t of an
+example n; ``x̄ = [x; 1]``, ``W̄ = [W, b]``, ``g_t = ∂ℓ_n/∂y_t``.
+
+- ``A = mean over real (n, t) of x̄ x̄ᵀ``          ((p+1)², "expand" rule)
+- ``G = mean over n of Σ_t g_t g_tᵀ``            (q²)
+- ``∇W̄_n = Σ_t g_t x̄_tᵀ``                       (per-example gradient)
+- ``diag F = E_n[(∇W̄_n)²]``                      (EWC, every parameter)
+- ``s = E_n[(U_Gᵀ ∇W̄_n U_A)²]``                  (EKFAC, George et al. 2018)
+
+Every function here takes the real positions of one module call already
+flattened: ``x`` (P, p̄), ``g`` (P, q) and ``example`` (P,), the example each
+position belongs to. Sums are returned; the estimator divides at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Upper bound on the elements of one chunk of per-example gradients
+# (B_chunk * q * p̄): 2**25 float32 numbers are 128 MiB.
+_CHUNK_ELEMENTS = 2**25
+
+
+def augment(x: Tensor) -> Tensor:
+    """``x̄ = [x; 1]`` along the last dimension (the bias column of ``W̄``)."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def conv1d_patches(module: nn.Conv1d, x: Tensor) -> Tensor:
+    """Unfolded input patches of a Conv1d, (N, T_out, C_in·k), ordered as
+    ``weight.reshape(C_out, C_in·k)`` flattens the kernel (Grosse & Martens
+    2016: a convolution is a Linear layer applied at every output position)."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            left = right = 0
+        else:  # "same": PyTorch pads the extra element on the right
+            total = module.dilation[0] * (module.kernel_size[0] - 1)
+            left, right = total // 2, total - total // 2
+    else:
+        left = right = module.padding[0]
+    if left or right:
+        x = F.pad(x, (left, right))
+    cols = F.unfold(
+        x.unsqueeze(2),
+        kernel_size=(1, module.kernel_size[0]),
+        dilation=(1, module.dilation[0]),
+        stride=(1, module.stride[0]),
+    )  # (N, C_in·k, T_out)
+    return cols.transpose(1, 2)
+
+
+def layer_norm_hat(module: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``x̂ = (x - mean) / sqrt(var + eps)`` over the normalised dimensions,
+    flattened to (..., D): the per-position gradient of the LayerNorm weight is
+    ``g ⊙ x̂`` and of its bias ``g``."""
+    d = len(module.normalized_shape)
+    flat = x.reshape(*x.shape[: x.dim() - d], -1)
+    mean = flat.mean(-1, keepdim=True)
+    var = flat.var(-1, unbiased=False, keepdim=True)
+    return (flat - mean) / torch.sqrt(var + module.eps)
+
+
+def per_example_outer(g: Tensor, x: Tensor, example: Tensor, n_examples: int) -> Iterator[Tensor]:
+    """Yield ``∇W̄_n = Σ_{t ∈ n} g_t x̄_tᵀ`` for all examples n, in chunks of
+    shape (B_chunk, q, p̄).
+
+    The positions are scattered into a (B, L_max, ·) buffer by example (no
+    Python loop over examples), then one batched matrix product per chunk sums
+    each example's positions. Memory: B·L_max·(p̄+q) for the buffers and
+    at most ``_CHUNK_ELEMENTS`` for the gradients.
+    """
+    q, p = g.shape[1], x.shape[1]
+    if g.shape[0] == 0:
+        return
+    order = torch.argsort(example, stable=True)
+    ex = example[order]
+    counts = torch.bincount(ex, minlength=n_examples)
+    offsets = counts.cumsum(0) - counts
+    slot = torch.arange(ex.shape[0], device=ex.device) - offsets[ex]
+    length = int(counts.max())
+    gp = g.new_zeros(n_examples, length, q)
+    xp = x.new_zeros(n_examples, length, p)
+    gp[ex, slot] = g[order]
+    xp[ex, slot] = x[order]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, q * p))
+    for start in range(0, n_examples, chunk):
+        stop = min(start + chunk, n_examples)
+        yield torch.bmm(gp[start:stop].transpose(1, 2), xp[start:stop])
+
+
+def per_example_rows(values: Tensor, example: Tensor, n_examples: int) -> Tensor:
+    """``Σ_{t ∈ n} v_t`` per example: (P, D) -> (B, D), by ``index_add``."""
+    out = values.new_zeros(n_examples, values.shape[1])
+    return out.index_add_(0, example, values)
+
+
+def embedding_pairs(
+    ids: Tensor, g: Tensor, example: Tensor, num_embeddings: int
+) -> tuple[Tensor, Tensor]:
+    """Per-example gradient rows of an Embedding, only where they are nonzero.
+
+    The weight gradient of example n is ``Σ_{t ∈ n, id_t = v} g_t`` in row v.
+    Returns ``(token, rows)``: one entry per distinct (example, token) pair,
+    ``rows`` (K, d). Never builds the dense (B, V, d) tensor.
+    """
+    key = example * num_embeddings + ids
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    rows = g.new_zeros(uniq.shape[0], g.shape[1]).index_add_(0, inverse, g)
+    return uniq % num_embeddings, rows
+
+
+def symmetric_eigenbasis(matrix: Tensor) -> Tensor:
+    """Orthonormal eigenvectors of a symmetric PSD factor (columns), computed
+    in float64 because float32 ``eigh`` loses orthogonality on ill-conditioned
+    activation covariances, which EKFAC's rotations then amplify."""
+    sym = 0.5 * (matrix + matrix.T)
+    _, vectors = torch.linalg.eigh(sym.double())
+    return vectors.to(matrix.dtype).contiguous()
+
+
+def accumulate_squares(target: Tensor, chunks: Iterator[Tensor], fn: Callable[[Tensor], Tensor]):
+    """``target += Σ_chunks Σ_n fn(chunk)_n ** 2`` (sum over the example axis)."""
+    for chunk in chunks:
+        target.add_(fn(chunk).square().sum(0))

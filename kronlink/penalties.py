@@ -1,0 +1,328 @@
+"""Penalties that keep a model near earlier tasks' solutions.
+
+For prior task i with anchor ``θ*_i`` and ``Δ = θ - θ*_i`` (per layer
+``Δ̄ = [ΔW, Δb]``, the bias as a last column), the penalty is
+``Σ_i λ_i Ω_i(θ)`` with no factor ½ and F the mean (not summed) Fisher, so λ
+keeps the paper's meaning (arXiv 2111.06012; DESIGN.md section 4):
+
+- KFC (Martens & Grosse 2015 factors): ``Ω = Σ_layers sum(Δ̄ ⊙ (G Δ̄ A))`` =
+  ``vec(Δ̄)ᵀ (A ⊗ G) vec(Δ̄)``, two matrix products a layer, never the
+  Kronecker product; an Embedding (weight (V, d) = W_linᵀ, diagonal A = a)
+  gives ``sum(Δw ⊙ (Δw G) ⊙ a[:, None])``.
+- EKFAC (George et al. 2018): ``Ω = Σ_layers sum(s ⊙ (U_Gᵀ Δ̄ U_A)²)``;
+  Embedding ``sum(s ⊙ (Δw U_G)²)``.
+- EWC (Kirkpatrick et al. 2017): ``Ω = Σ_j F_jj Δ_j²``; L2: ``Σ_j Δ_j²``.
+
+KFC and EKFAC add ``Σ F_jj Δ_j²`` for the parameters only a diagonal covers
+(LayerNorm) when the state was estimated with ``include_other``. ``Ω_i`` at
+the new weights is also the data-free estimate of how much task i's loss rose
+("predicted forgetting"), reported by ``per_task``.
+
+Penalties are differentiable and computed on the model's device; factors and
+anchors move there once, on the first call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+
+import torch
+from torch import Tensor, nn
+
+from kronlink.curvature.state import CurvatureKind, Rule, TaskState
+from kronlink.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "EKFACPenalty",
+    "EWCPenalty",
+    "KFCPenalty",
+    "L2Penalty",
+    "NoPenalty",
+    "Penalty",
+    "PenaltyMethod",
+    "build_penalty",
+    "predicted_forgetting",
+]
+
+
+class PenaltyMethod(StrEnum):
+    NONE = "none"
+    L2 = "l2"
+    EWC = "ewc"
+    KFC = "kfc"
+    EKFAC = "ekfac"
+
+
+# One prior's Ω as a function of the model's parameters (by name).
+_Term = Callable[[dict[str, Tensor]], Tensor]
+
+
+class Penalty:
+    """``penalty(model) = Σ_i λ_i Ω_i(θ)``. Subclasses define one task's
+    ``Ω`` by ``_terms``: a list of closures over device-resident tensors."""
+
+    method: PenaltyMethod
+
+    def __init__(self, priors: Sequence[TaskState], lambdas: float | Sequence[float]) -> None:
+        self.priors = list(priors)
+        if isinstance(lambdas, int | float):
+            lambdas = [float(lambdas)] * len(self.priors)
+        self.lambdas = [float(v) for v in lambdas]
+        if len(self.lambdas) != len(self.priors):
+            raise ConfigError(
+                f"one λ per prior task expected: {len(self.priors)} prior(s), "
+                f"{len(self.lambdas)} λ value(s)"
+            )
+        if any(not (v >= 0 and v < float("inf")) for v in self.lambdas):
+            raise ConfigError(f"λ must be finite and >= 0, got {self.lambdas}")
+        for prior in self.priors:
+            self._check(prior)
+        self._cache: tuple[torch.device, torch.dtype, list[list[_Term]]] | None = None
+
+    def _check(self, prior: TaskState) -> None:
+        """Raise ``ConfigError`` if ``prior`` lacks what this method needs."""
+
+    def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
+        raise NotImplementedError
+
+    def _prepared(self, model: nn.Module) -> tuple[dict[str, Tensor], list[list[_Term]]]:
+        params = dict(model.named_parameters())
+        ref = next(iter(params.values()))
+        # float64 models get float64 penalties; anything else float32 (bf16
+        # would round Δ = θ - θ* to nothing).
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        if self._cache is None or self._cache[:2] != (ref.device, dtype):
+            for prior in self.priors:
+                prior.curvature.validate(model)
+                for name in prior.anchor:
+                    if name not in params:
+                        raise CheckpointError(f"anchor parameter {name!r} is not in the model")
+
+            def to(t: Tensor) -> Tensor:
+                return t.to(device=ref.device, dtype=dtype)
+
+            self._cache = (ref.device, dtype, [self._terms(p, to) for p in self.priors])
+        cast = {n: p.to(dtype) for n, p in params.items()}
+        return cast, self._cache[2]
+
+    def omegas(self, model: nn.Module) -> list[Tensor]:
+        """``Ω_i(θ)`` per prior task, differentiable."""
+        params, terms = self._prepared(model)
+        ref = next(iter(params.values()))
+        return [sum((t(params) for t in ts), ref.new_zeros(())) for ts in terms]
+
+    def __call__(self, model: nn.Module) -> Tensor:
+        omegas = self.omegas(model)
+        if not omegas:
+            return next(model.parameters()).new_zeros(())
+        return sum(lam * om for lam, om in zip(self.lambdas, omegas, strict=True))
+
+    @torch.no_grad()
+    def per_task(self, model: nn.Module) -> list[float]:
+        """``Ω_i(θ)`` per prior (without λ): the predicted loss increase."""
+        return [float(om) for om in self.omegas(model)]
+
+
+def _delta(params: dict[str, Tensor], anchor: dict[str, Tensor], name: str) -> Tensor:
+    return params[name] - anchor[name]
+
+
+def _diag_terms(
+    prior: TaskState, to: Callable[[Tensor], Tensor], names: Sequence[str]
+) -> list[_Term]:
+    anchor = {n: to(prior.anchor[n]) for n in names}
+    fisher = {n: to(prior.curvature.diag[n]) for n in names}
+
+    def term(params: dict[str, Tensor]) -> Tensor:
+        return sum(
+            ((_delta(params, anchor, n).square() * fisher[n]).sum() for n in names),
+            params[names[0]].new_zeros(()),
+        )
+
+    return [term] if names else []
+
+
+class NoPenalty(Penalty):
+    """Zero. ``per_task`` reports 0 for every prior."""
+
+    method = PenaltyMethod.NONE
+
+    def __init__(self, priors: Sequence[TaskState] = (), lambdas: float | Sequence[float] = 0.0):
+        super().__init__(priors, lambdas)
+
+    def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
+        return []
+
+    def _prepared(self, model: nn.Module) -> tuple[dict[str, Tensor], list[list[_Term]]]:
+        return dict(model.named_parameters()), [[] for _ in self.priors]
+
+
+class L2Penalty(Penalty):
+    """``Ω = Σ_j Δ_j²`` over the anchored parameters."""
+
+    method = PenaltyMethod.L2
+
+    def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
+        anchor = {n: to(t) for n, t in prior.anchor.items()}
+
+        def term(params: dict[str, Tensor]) -> Tensor:
+            return sum(
+                (_delta(params, anchor, n).square().sum() for n in anchor),
+                params[next(iter(anchor))].new_zeros(()),
+            )
+
+        return [term] if anchor else []
+
+
+class EWCPenalty(Penalty):
+    """``Ω = Σ_j F_jj Δ_j²`` with the diagonal of the mean Fisher."""
+
+    method = PenaltyMethod.EWC
+
+    def _check(self, prior: TaskState) -> None:
+        if CurvatureKind.DIAG not in prior.curvature.kinds:
+            raise ConfigError("EWC needs a diagonal Fisher: estimate with kinds including 'diag'")
+
+    def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
+        return _diag_terms(prior, to, list(prior.curvature.diag))
+
+
+class KFCPenalty(Penalty):
+    """``Ω = Σ_layers vec(Δ̄)ᵀ (A ⊗ G) vec(Δ̄) = sum(Δ̄ ⊙ (G Δ̄ A))``."""
+
+    method = PenaltyMethod.KFC
+
+    def _check(self, prior: TaskState) -> None:
+        if CurvatureKind.KFAC not in prior.curvature.kinds:
+            raise ConfigError("KFC needs Kronecker factors: estimate with kinds including 'kfac'")
+
+    def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
+        cs = prior.curvature
+        terms: list[_Term] = []
+        for name, f in cs.kfac.items():
+            info = cs.layers[name]
+            anchor = {n: to(prior.anchor[n]) for n in info.param_names}
+            A, G = to(f.A), to(f.G)
+            if info.rule is Rule.EMBEDDING:
+                terms.append(_kfc_embedding(info.param_names[0], anchor, A, G))
+            else:
+                terms.append(_kfc_linear(info.param_names, anchor, A, G))
+        return terms + _other_terms(prior, to)
+
+
+class EKFACPenalty(Penalty):
+    """``Ω = Σ_layers sum(s ⊙ (U_Gᵀ Δ̄ U_A)²)``."""
+
+    method = PenaltyMethod.EKFAC
+
+    def _check(self, prior: TaskState) -> None:
+        if CurvatureKind.EKFAC not in prior.curvature.kinds:
+            raise ConfigError("EKFAC penalty needs kinds including 'ekfac'")
+
+    def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
+        cs = prior.curvature
+        terms: list[_Term] = []
+        for name, e in cs.ekfac.items():
+            info = cs.layers[name]
+            anchor = {n: to(prior.anchor[n]) for n in info.param_names}
+            UG, s = to(e.UG), to(e.s)
+            if info.rule is Rule.EMBEDDING:
+                terms.append(_ekfac_embedding(info.param_names[0], anchor, UG, s))
+            else:
+                terms.append(_ekfac_linear(info.param_names, anchor, to(e.UA), UG, s))
+        return terms + _other_terms(prior, to)
+
+
+def _other_terms(prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
+    if not prior.curvature.include_other:
+        return []
+    return _diag_terms(prior, to, list(prior.curvature.other))
+
+
+def _bar(params: dict[str, Tensor], anchor: dict[str, Tensor], names: Sequence[str]) -> Tensor:
+    """``Δ̄ = [ΔW.reshape(q, -1), Δb]`` (q, p̄)."""
+    dw = _delta(params, anchor, names[0])
+    dw = dw.reshape(dw.shape[0], -1)
+    if len(names) == 1:
+        return dw
+    return torch.cat([dw, _delta(params, anchor, names[1])[:, None]], dim=1)
+
+
+def _kfc_linear(names: Sequence[str], anchor: dict[str, Tensor], A: Tensor, G: Tensor) -> _Term:
+    def term(params: dict[str, Tensor]) -> Tensor:
+        d = _bar(params, anchor, names)
+        return (d * (G @ d @ A)).sum()
+
+    return term
+
+
+def _kfc_embedding(name: str, anchor: dict[str, Tensor], a: Tensor, G: Tensor) -> _Term:
+    # weight (V, d) is W_linᵀ of y = W_lin onehot(v); with Δ_lin = Δwᵀ,
+    # sum(Δ_lin ⊙ (G Δ_lin diag a)) = sum(Δw ⊙ (Δw G) ⊙ a[:, None]) (G symmetric).
+    def term(params: dict[str, Tensor]) -> Tensor:
+        d = _delta(params, anchor, name)
+        return (d * (d @ G) * a[:, None]).sum()
+
+    return term
+
+
+def _ekfac_linear(
+    names: Sequence[str], anchor: dict[str, Tensor], UA: Tensor, UG: Tensor, s: Tensor
+) -> _Term:
+    def term(params: dict[str, Tensor]) -> Tensor:
+        d = _bar(params, anchor, names)
+        return (s * (UG.T @ d @ UA).square()).sum()
+
+    return term
+
+
+def _ekfac_embedding(name: str, anchor: dict[str, Tensor], UG: Tensor, s: Tensor) -> _Term:
+    # (U_Gᵀ Δ_lin)ᵀ = Δw U_G, with s stored in the weight's (V, d) orientation.
+    def term(params: dict[str, Tensor]) -> Tensor:
+        d = _delta(params, anchor, name)
+        return (s * (d @ UG).square()).sum()
+
+    return term
+
+
+_METHODS: dict[PenaltyMethod, type[Penalty]] = {
+    PenaltyMethod.NONE: NoPenalty,
+    PenaltyMethod.L2: L2Penalty,
+    PenaltyMethod.EWC: EWCPenalty,
+    PenaltyMethod.KFC: KFCPenalty,
+    PenaltyMethod.EKFAC: EKFACPenalty,
+}
+
+
+def build_penalty(
+    method: PenaltyMethod | str,
+    priors: Sequence[TaskState],
+    lambdas: float | Sequence[float],
+) -> Penalty:
+    """The penalty for ``method`` ("none", "l2", "ewc", "kfc", "ekfac") over
+    ``priors``, with one λ per prior (or one λ for all)."""
+    try:
+        m = PenaltyMethod(method)
+    except ValueError as exc:
+        choices = ", ".join(repr(str(v)) for v in PenaltyMethod)
+        raise ConfigError(f"penalty method must be one of {choices}, got {method!r}") from exc
+    return _METHODS[m](priors, lambdas)
+
+
+def predicted_forgetting(model: nn.Module, priors: Sequence[TaskState]) -> list[float]:
+    """``Ω_i(θ)`` under each prior's best available curvature (KFC, else
+    EKFAC, else EWC): the data-free estimate of task i's loss increase,
+    whatever penalty the training used."""
+    out = []
+    for prior in priors:
+        kinds = prior.curvature.kinds
+        method = (
+            PenaltyMethod.KFC
+            if CurvatureKind.KFAC in kinds
+            else PenaltyMethod.EKFAC
+            if CurvatureKind.EKFAC in kinds
+            else PenaltyMethod.EWC
+        )
+        out.extend(build_penalty(method, [prior], 1.0).per_task(model))
+    return out
