@@ -84,9 +84,11 @@ def _build_model(args: argparse.Namespace):
 
     if args.init:
         return load_ranker(args.init)
-    overrides = {}
-    if args.model == "transformer" and args.encoder:
-        overrides["encoder"] = args.encoder
+    overrides: dict = {}
+    if args.tiny:
+        overrides["encoder" if args.model == "transformer" else "tokenizer"] = None
+    elif args.encoder:
+        overrides["encoder" if args.model == "transformer" else "tokenizer"] = args.encoder
     return build_ranker(args.model, **overrides)
 
 
@@ -279,7 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--encoder",
         default=None,
-        help="local Hugging Face BERT folder (default: all-MiniLM-L6-v2 from its package)",
+        help="local Hugging Face BERT folder (default: all-MiniLM-L6-v2 from its package); "
+        "for the CNN, the folder whose tokenizer it uses",
+    )
+    t.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny randomly initialised model instead (tests and smoke runs)",
     )
     t.add_argument("--epochs", type=int, default=3, help="epochs (default: %(default)s)")
     t.add_argument(
@@ -346,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    # bm25s sets its own logger to DEBUG; keep it quiet unless asked
+    logging.getLogger("bm25s").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
