@@ -44,7 +44,10 @@ ParamGroups = Callable[[nn.Module, float], list[dict]]
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 16  # queries per step; each brings all its candidates
-    lr: float = 3e-5  # AdamW; the CNN ranker wants about 1e-3
+    lr: float = 1e-4  # AdamW; the CNN ranker wants about 1e-3
+    # The scoring head starts random while the encoder is pretrained: at the
+    # encoder's rate it takes hundreds of steps before the loss moves at all.
+    head_lr: float | None = 3e-3  # rate of parameters under ``head.``; None: lr
     weight_decay: float = 0.01
     warmup: float = 0.1  # share of steps with a linear warm-up
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
@@ -161,7 +164,16 @@ def train(
     model.to(device)
     model.train()
 
-    groups = param_groups(model, cfg.lr) if param_groups else model.parameters()
+    if param_groups is not None:
+        groups = param_groups(model, cfg.lr)
+    elif cfg.head_lr is not None:
+        named = list(model.named_parameters())
+        groups = [
+            {"params": [p for n, p in named if not n.startswith("head.")], "lr": cfg.lr},
+            {"params": [p for n, p in named if n.startswith("head.")], "lr": cfg.head_lr},
+        ]
+    else:
+        groups = model.parameters()
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_queries) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs

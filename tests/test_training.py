@@ -65,7 +65,9 @@ def test_penalty_hook_is_added_to_the_loss() -> None:
         return lam * sum(p.sum() for p in m.parameters())
 
     seen = []
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=lr, warmup=0, grad_clip=0, weight_decay=0)
+    cfg = TrainConfig(
+        epochs=2, batch_size=16, lr=lr, head_lr=None, warmup=0, grad_clip=0, weight_decay=0
+    )
     res = train(model, _queries(32, 3), (), cfg, penalty=pull, on_progress=seen.append)
     assert res.steps == 4
     # linear decay of the rate over 4 steps: 1, 3/4, 1/2, 1/4 of lr

@@ -1,0 +1,54 @@
+"""The ``kronlink`` command line.
+
+This package is the one place in the library that prints and draws progress
+bars; library functions report progress through callbacks. Each command is a
+module with ``add_parser(sub)`` and ``run(args) -> exit code``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from kronlink.cli import evaluate, fisher, tasks, train
+from kronlink.errors import KronlinkError
+
+__all__ = ["build_parser", "main"]
+
+COMMANDS = (tasks, train, evaluate, fisher)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kronlink",
+        description="Medical entity linking that learns new ontologies without forgetting.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    # bm25s sets its own logger to DEBUG; keep it quiet unless asked
+    logging.getLogger("bm25s").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except KronlinkError as exc:
+        print(f"kronlink {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
