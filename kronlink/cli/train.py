@@ -24,6 +24,8 @@ def _build_model(args: argparse.Namespace):
         overrides["encoder" if args.model == "transformer" else "tokenizer"] = None
     elif args.encoder:
         overrides["encoder" if args.model == "transformer" else "tokenizer"] = args.encoder
+    if args.model == "transformer":
+        overrides["pooling"] = args.pooling
     return build_ranker(args.model, **overrides)
 
 
@@ -135,6 +137,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="local Hugging Face BERT folder (default: all-MiniLM-L6-v2 from its package); "
         "for the CNN, the folder whose tokenizer it uses",
+    )
+    t.add_argument(
+        "--pooling",
+        choices=["cls", "mean"],
+        default="mean",
+        help="transformer: what the head reads, the mean of the real tokens (learns faster "
+        "from a sentence encoder such as MiniLM) or [CLS] (the paper's) (default: %(default)s)",
     )
     t.add_argument(
         "--tiny",
