@@ -1,0 +1,436 @@
+"""Cost of curvature: estimation passes (kronlink vs peers), penalised training
+steps, and stored bytes per task, on both rankers.
+
+    .venv/bin/python bench/curvature.py [--device cuda] [--batches 4] [--batch-size 16]
+        [--candidates 25] [--repeats 5] [--models transformer,cnn] [--tables 1,2,3]
+        [--threads N]   # N=1 on a shared CPU: busy cores stall torch's thread pool
+
+A peer that is not installed or cannot handle a model gets a "failed" row with
+its error (ASDL is not a project dependency: pip install --no-deps asdfghjkl).
+
+Synthetic queries as in bench/train_step.py, encoded once and cut into
+``--batches`` batches of ``--batch-size`` queries (all rows padded to one
+width, so every implementation sees the same tensors). Three tables:
+
+1. One curvature pass over all batches, each row in a fresh subprocess: the
+   baseline is a plain forward+backward of the ranking loss (reduction sum,
+   eval mode, as the estimator runs) over the same batches; then kronlink's
+   ``estimate_curvature`` with kinds kfac / kfac+diag / kfac+ekfac+diag
+   (EKFAC makes a second pass), and the peers of ``bench/_peers.py``.
+   Seconds are the median of ``--repeats`` timed passes after ``--warmup``
+   untimed ones. Peak memory is the growth during the first (warm-up) pass
+   over the memory held after setup: ``torch.cuda.max_memory_allocated`` on
+   CUDA; on CPU the peak resident set (VmHWM, reset through
+   /proc/self/clear_refs after a malloc_trim), which also counts allocator
+   caching: compare rows, not absolute numbers.
+2. One training step (forward, ranking loss, penalty, backward, gradient
+   clipping, AdamW; bf16 autocast on CUDA as in kronlink.training) with no
+   penalty, EWC, KFC and EKFAC against one prior task estimated once on the
+   same batches; steps of the four methods are interleaved so drift hits all.
+3. Bytes of one saved TaskState (safetensors) per content and dtype, against
+   the model's parameters in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _peers import PEERS, Pass
+from train_step import synthetic_queries
+
+from kronlink.curvature import CurvatureKind, CurvatureState, TaskState, estimate_curvature
+from kronlink.models import build_ranker, ranking_loss
+from kronlink.models.base import RankerBatch
+from kronlink.penalties import build_penalty
+
+PLAIN = "plain fwd+bwd"
+OURS = {
+    "kronlink kfac": ("kfac",),
+    "kronlink kfac+diag": ("kfac", "diag"),
+    "kronlink kfac+ekfac+diag": ("kfac", "ekfac", "diag"),
+}
+PENALTIES = ("none", "ewc", "kfc", "ekfac")
+LAMBDA = 1e3  # the value does not change the cost
+
+
+# ---- setup shared by all tables ---------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_model(kind: str, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_ranker(kind).to(device)
+
+
+def make_batches(model: Any, args: argparse.Namespace, device: torch.device) -> list[RankerBatch]:
+    """One encoding of all queries, sliced into batches of equal width."""
+    n, b = args.batches * args.batch_size, args.batch_size
+    full = model.encode(synthetic_queries(n, args.candidates))
+    out = []
+    for i in range(0, n, b):
+        feats = {k: v[i : i + b] for k, v in full.features.items()}
+        out.append(
+            RankerBatch(feats, full.candidate_mask[i : i + b], full.labels[i : i + b]).to(device)
+        )
+    return out
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
+# ---- memory ---------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed setup memory back first
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        return False
+    return True
+
+
+def measure_pass(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict:
+    """Peak memory growth of the first call, then the median of ``repeats``."""
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = run()
+        sync(device)
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        mem_note = "CUDA max allocated"
+    else:
+        ok = _reset_cpu_peak()
+        base = _status_kib("VmRSS")
+        out = run()
+        hwm = _status_kib("VmHWM")
+        if ok and base is not None and hwm is not None:
+            peak_mib, mem_note = (hwm - base) / 1024, "CPU peak RSS growth"
+        else:
+            peak_mib, mem_note = float("nan"), "n/a (no /proc/self/clear_refs)"
+    del out
+    for _ in range(max(warmup - 1, 0)):
+        run()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "peak_mib": peak_mib, "mem": mem_note}
+
+
+# ---- table 1: one curvature pass (child process per row) --------------------
+
+
+def plain_pass(model: torch.nn.Module, batches: Sequence[RankerBatch]) -> Pass:
+    def run() -> None:
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            ranking_loss(model(b), b.candidate_mask, b.labels, reduction="sum").backward()
+
+    n = sum(p.numel() for p in model.parameters())
+    return Pass(f"all {n / 1e6:.1f}M parameters' gradients (no curvature)", run)
+
+
+def ours_pass(model: Any, batches: Sequence[RankerBatch], kinds: tuple[str, ...]) -> Pass:
+    def run() -> Any:
+        return estimate_curvature(model, batches, kinds=kinds)
+
+    layouts = model.token_layouts(batches[0])
+    mods = dict(model.named_modules())
+    kinds_of = sorted({type(mods[n]).__name__ for n in layouts})
+    ln = "; LayerNorm: diagonal" if "LayerNorm" in kinds_of else ""
+    passes = "2 passes" if "ekfac" in kinds else "1 pass"
+    return Pass(f"every parameter ({'+'.join(kinds_of)}{ln}), padding masked; {passes}", run)
+
+
+def run_row(args: argparse.Namespace) -> dict:
+    kind, impl = args.row.split(":", 1)
+    device = torch.device(args.device)
+    model = make_model(kind, device).eval()
+    batches = make_batches(model, args, device)
+    if impl == PLAIN:
+        p = plain_pass(model, batches)
+    elif impl in OURS:
+        p = ours_pass(model, batches, OURS[impl])
+    else:
+        p = PEERS[kind][impl](model, batches)
+    try:
+        res = measure_pass(p.run, device, args.warmup, args.repeats)
+    except Exception as exc:  # a peer that cannot handle the model: report why
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+        res = {"seconds": float("nan"), "peak_mib": float("nan"), "mem": "", "error": msg[:160]}
+    return {"model": kind, "impl": impl, "covers": p.covers, **res}
+
+
+def _failed(kind: str, impl: str, why: str) -> dict:
+    nan = float("nan")
+    return {
+        "model": kind,
+        "impl": impl,
+        "covers": "",
+        "seconds": nan,
+        "peak_mib": nan,
+        "error": why,
+    }
+
+
+def spawn_row(kind: str, impl: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--row", f"{kind}:{impl}", "--device", args.device]
+    for opt in ("batches", "batch_size", "candidates", "repeats", "warmup", "threads"):
+        cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+    except subprocess.TimeoutExpired:
+        return _failed(kind, impl, f"timed out after {args.row_timeout}s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+    if proc.returncode or not lines:
+        tail = " ".join(proc.stderr.strip().splitlines()[-1:]) or f"exit {proc.returncode}"
+        return _failed(kind, impl, tail[:160])
+    return json.loads(lines[-1][4:])
+
+
+def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
+    rows = []
+    for kind in models:
+        for impl in [PLAIN, *OURS, *PEERS[kind]]:
+            print(f"  pass: {kind} / {impl} ...", file=sys.stderr, flush=True)
+            rows.append(spawn_row(kind, impl, args))
+    print("\n### 1. One curvature pass over the same batches\n")
+    print("| model | implementation | what it covers | seconds | x plain pass | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    base = {r["model"]: r["seconds"] for r in rows if r["impl"] == PLAIN}
+    for r in rows:
+        if "error" in r:
+            covers = f"{r['covers']} — **failed**: {r['error']}".lstrip(" —")
+            print(f"| {r['model']} | {r['impl']} | {covers} | n/a | n/a | n/a |")
+            continue
+        ratio = r["seconds"] / base[r["model"]]
+        print(
+            f"| {r['model']} | {r['impl']} | {r['covers']} | {r['seconds']:.3f} | {ratio:.2f} "
+            f"| {r['peak_mib']:.0f} |"
+        )
+    mem = {r.get("mem") for r in rows if r.get("mem")}
+    print(f"\nPeak memory: {', '.join(sorted(mem))}, during the first pass, over setup.")
+    return rows
+
+
+# ---- tables 2 and 3: in this process -----------------------------------------
+
+
+def table_steps(args: argparse.Namespace, models: list[str], device: torch.device) -> list[dict]:
+    rows = []
+    for kind in models:
+        print(f"  steps: {kind} ...", file=sys.stderr, flush=True)
+        model = make_model(kind, device)
+        batches = make_batches(model, args, device)
+        state = estimate_curvature(model, batches, kinds=("kfac", "ekfac", "diag"))
+        prior = TaskState.from_model(model, state, {"task": "bench"})
+        model.train()
+        use_amp = device.type == "cuda"
+        pens = {m: build_penalty(m, [prior], LAMBDA) for m in PENALTIES}
+        opts = {m: torch.optim.AdamW(model.parameters(), lr=1e-5) for m in PENALTIES}
+        times: dict[str, list[float]] = {m: [] for m in PENALTIES}
+        for s in range(args.warmup + args.repeats):
+            for m in PENALTIES:
+                b = batches[s % len(batches)]
+                sync(device)
+                t0 = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    scores = model(b)
+                loss = ranking_loss(scores.float(), b.candidate_mask, b.labels)
+                if m != "none":
+                    loss = loss + pens[m](model)
+                opts[m].zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opts[m].step()
+                sync(device)
+                if s >= args.warmup:
+                    times[m].append(time.perf_counter() - t0)
+        for m in PENALTIES:
+            rows.append({"model": kind, "penalty": m, "seconds": statistics.median(times[m])})
+        del model, opts, pens
+    print("\n### 2. Training step with a penalty (one prior task)\n")
+    print("| model | penalty | step (s) | x plain step |")
+    print("|---|---|---|---|")
+    base = {r["model"]: r["seconds"] for r in rows if r["penalty"] == "none"}
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['penalty']} | {r['seconds']:.3f} "
+            f"| {r['seconds'] / base[r['model']]:.2f} |"
+        )
+    return rows
+
+
+def _subset(state: CurvatureState, kinds: tuple[str, ...]) -> CurvatureState:
+    ks = tuple(CurvatureKind(k) for k in kinds)
+    other = set(state.other)
+    diag = (
+        dict(state.diag)
+        if CurvatureKind.DIAG in ks
+        else {k: v for k, v in state.diag.items() if k in other}
+    )
+    return dataclasses.replace(
+        state,
+        kinds=ks,
+        kfac=state.kfac if CurvatureKind.KFAC in ks else {},
+        ekfac=state.ekfac if CurvatureKind.EKFAC in ks else {},
+        diag=diag,
+    )
+
+
+STORED = {
+    "kfac (+LayerNorm diag, if any)": ("kfac",),
+    "kfac + ekfac": ("kfac", "ekfac"),
+    "diag (EWC)": ("diag",),
+    "kfac + ekfac + diag": ("kfac", "ekfac", "diag"),
+}
+
+
+def table_storage(args: argparse.Namespace, models: list[str]) -> None:
+    cpu = torch.device("cpu")
+    print("\n### 3. Stored bytes per task (TaskState file)\n")
+    print(
+        "| model | contents | factors dtype | file MiB | x params fp32 | curvature MiB "
+        "| x params fp32 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in models:
+            print(f"  storage: {kind} ...", file=sys.stderr, flush=True)
+            model = make_model(kind, cpu)
+            batches = make_batches(model, args, cpu)[:1]
+            full = estimate_curvature(model, batches, kinds=("kfac", "ekfac", "diag"))
+            pb = param_bytes(model)
+            for label, kinds in STORED.items():
+                state = _subset(full, kinds)
+                for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                    path = Path(tmp) / f"{kind}-{name}.safetensors"
+                    TaskState.from_model(model, state).save(path, dtype=dtype)
+                    size = path.stat().st_size
+                    curv = sum(t.numel() * t.element_size() for t in state.tensors(dtype).values())
+                    print(
+                        f"| {kind} | {label} | {name} | {size / 2**20:.1f} | {size / pb:.2f} "
+                        f"| {curv / 2**20:.1f} | {curv / pb:.2f} |"
+                    )
+            print(f"| {kind} | (parameters) | fp32 | {pb / 2**20:.1f} | 1.00 | | |")
+    print(
+        "\nFile = curvature + anchor θ* (model precision) + header; bf16 stores A, G, s and the"
+        " diagonal in bf16, eigenbases stay fp32."
+    )
+
+
+# ---- targets -----------------------------------------------------------------
+
+
+def print_targets(passes: list[dict], steps: list[dict], device: torch.device) -> None:
+    print("\n### Targets\n")
+    for kind in sorted({r["model"] for r in passes}):
+        rows = {r["impl"]: r for r in passes if r["model"] == kind}
+        base, ours = rows[PLAIN]["seconds"], rows["kronlink kfac"]["seconds"]
+        ratio = ours / base
+        verdict = "met" if ratio <= 1.5 else "NOT met"
+        print(f"- {kind}: KFAC pass ≤ 1.5x the plain pass: {ratio:.2f}x, {verdict}.")
+        for impl in PEERS[kind]:
+            r = rows.get(impl)
+            if r is None or "error" in r:
+                print(f"- {kind}: faster than {impl}: n/a ({impl} failed).")
+                continue
+            v = "met" if ours < r["seconds"] else "NOT met"
+            print(
+                f"- {kind}: faster than {impl}: {ours:.3f}s vs {r['seconds']:.3f}s "
+                f"({r['seconds'] / ours:.2f}x), {v} (coverage differs, see table 1)."
+            )
+    for kind in sorted({r["model"] for r in steps}):
+        rows = {r["penalty"]: r["seconds"] for r in steps if r["model"] == kind}
+        ratio = rows["kfc"] / rows["none"]
+        verdict = "met" if ratio <= 1.15 else "NOT met"
+        where = "" if device.type == "cuda" else " (measured on CPU; the target is for GPU)"
+        print(
+            f"- {kind}: KFC training step ≤ 1.15x the plain step: {ratio:.2f}x, {verdict}{where}."
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--candidates", type=int, default=25)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed passes (the first measures memory)"
+    )
+    p.add_argument("--models", default="transformer,cnn")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--tables", default="1,2,3", help="which tables to print")
+    p.add_argument("--row-timeout", type=int, default=1800, help="seconds per table-1 row")
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one table-1 row
+    args = p.parse_args()
+    args.warmup = max(args.warmup, 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.row:
+        print("ROW " + json.dumps(run_row(args)))
+        return
+    device = torch.device(args.device)
+    models = [m for m in args.models.split(",") if m]
+    tables = set(args.tables.split(","))
+    print(
+        f"\ndevice {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f", {args.batches} batches x {args.batch_size} queries x {args.candidates} candidates,"
+        f" median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__},"
+        f" {torch.get_num_threads()} CPU threads"
+    )
+    passes = table_passes(args, models) if "1" in tables else []
+    steps = table_steps(args, models, device) if "2" in tables else []
+    if "3" in tables:
+        table_storage(args, models)
+    if passes or steps:
+        print_targets(passes, steps, device)
+
+
+if __name__ == "__main__":
+    main()
