@@ -33,16 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_bm25s(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("bm25s") and record.levelno < logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    # bm25s sets its own logger to DEBUG; keep it quiet unless asked
-    logging.getLogger("bm25s").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # bm25s sets its own logger to DEBUG when imported (lazily, later than
+        # this), so a level set here would be overwritten: filter instead.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_bm25s)
     try:
         return args.func(args)
     except KronlinkError as exc:
