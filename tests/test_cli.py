@@ -127,6 +127,7 @@ def test_bad_input_is_a_clear_error(icd_task: Path, tmp_path: Path, capsys) -> N
     broken.mkdir()
     (broken / "ontology.jsonl").write_text('{"id": "A", "name": "a", "synonyms": []}\n')
     (broken / "queries.jsonl").write_text('{"mention": "x", "gold": "A", "split": "train"\n')
+    (broken / "task.json").write_text('{"name": "broken", "format_version": 1}')
     assert (
         main(
             [
