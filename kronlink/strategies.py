@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Sequence
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from kronlink.errors import ConfigError
 
-__all__ = ["layer_depths", "lrc_param_groups"]
+__all__ = ["layer_depths", "lrc_param_groups", "replay_sample"]
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 
@@ -74,8 +75,6 @@ def lrc_param_groups(gamma: float) -> Callable[[nn.Module, float], list[dict]]:
 
 def replay_sample(queries: Sequence, size: int, seed: int = 0) -> list:
     """A fixed random sample of an old task's training queries to replay."""
-    import random
-
     if size <= 0:
         raise ConfigError(f"replay: sample size must be > 0, got {size}")
     picked = list(queries)

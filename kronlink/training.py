@@ -15,7 +15,6 @@ Progress goes to a callback (``on_progress``); the library never prints.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -259,8 +258,3 @@ def train(
         history=history,
         stopped=stopped,
     )
-
-
-def clone_model(model: Ranker) -> Ranker:
-    """A detached deep copy (anchors, baselines)."""
-    return copy.deepcopy(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -114,3 +116,22 @@ def test_lrc_rates_fall_by_gamma_towards_the_input() -> None:
     groups = lrc_param_groups(0.5)(model, 1e-3)
     assert [g["lr"] for g in groups] == pytest.approx([1e-3 / 8, 1e-3 / 4, 1e-3 / 2, 1e-3])
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_replay_mixes_old_queries_into_every_batch() -> None:
+    model = build_ranker("cnn", tokenizer=None, embedding_dim=8, channels=8, hidden_size=8)
+    new, old = _queries(32, 5), [replace(q, mention=f"old {q.mention}") for q in _queries(20, 6)]
+    seen: list[list[str]] = []
+    encode = model.encode
+
+    def spy(queries):
+        seen.append([q.mention for q in queries])
+        return encode(queries)
+
+    model.encode = spy  # type: ignore[method-assign]
+    cfg = TrainConfig(epochs=1, batch_size=8, replay_per_batch=3)
+    train(model, new, (), cfg, replay=old)
+    assert len(seen) == 4
+    for mentions in seen:
+        assert len(mentions) == 11
+        assert sum(m.startswith("old ") for m in mentions) == 3
