@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         else (max(50, args.limit // 4) if args.limit else None)
     )
     _, dev_q = load_split(args.task, "dev", dev_limit, args.seed)
+    from kronlink.training import seed_everything
+
+    seed_everything(args.seed)  # the new head's initial weights are random too
     model = _build_model(args)
     lr = args.lr if args.lr is not None else (1e-3 if model.kind == "cnn" else 1e-4)
     cfg = TrainConfig(
