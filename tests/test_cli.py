@@ -146,3 +146,32 @@ def test_bad_input_is_a_clear_error(icd_task: Path, tmp_path: Path, capsys) -> N
     err = capsys.readouterr().err
     assert "queries.jsonl" in err and "line 1" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_training_is_reproducible_with_a_seed(icd_task: Path, tmp_path: Path) -> None:
+    def run(out: str, seed: str) -> bytes:
+        assert (
+            main(
+                [
+                    "train",
+                    "--task",
+                    str(icd_task),
+                    "--model",
+                    "cnn",
+                    "--tiny",
+                    "--out",
+                    str(tmp_path / out),
+                    "--limit",
+                    "32",
+                    "--epochs",
+                    "1",
+                    "--seed",
+                    seed,
+                ]
+            )
+            == 0
+        )
+        return (tmp_path / out / "model.safetensors").read_bytes()
+
+    assert run("a", "1") == run("b", "1")
+    assert run("c", "2") != run("a", "1")
