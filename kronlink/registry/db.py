@@ -1,0 +1,133 @@
+"""Engines, sessions and the per-lineage lock, on SQLite and PostgreSQL.
+
+Nothing here runs at import time: callers build an engine from a URL once per
+process (:func:`create_engine_from_url`) and a session factory from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from kronlink.errors import ConfigError
+from kronlink.registry.models import Lineage, utcnow
+
+__all__ = [
+    "create_engine_from_url",
+    "default_database_url",
+    "lineage_transaction",
+    "lock_lineage",
+    "make_session_factory",
+]
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+_BEGIN_OPTION = "kronlink_sqlite_begin"
+
+
+def default_database_url(data_dir: str | Path) -> str:
+    """The embedded default: ``sqlite:///<data_dir>/kronlink.db``."""
+    return f"sqlite:///{Path(data_dir).resolve() / 'kronlink.db'}"
+
+
+def _normalise(url: str | URL) -> URL:
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    backend = u.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"database URL: expected sqlite:// or postgresql://, got {backend}://")
+    return u
+
+
+def create_engine_from_url(url: str | URL, **kwargs: Any) -> Engine:
+    """An engine for ``url``; PostgreSQL goes through psycopg 3.
+
+    SQLite connections get ``foreign_keys=ON``, WAL journaling and a busy
+    timeout, and the driver's own transaction handling is switched off so
+    that this module emits ``BEGIN`` itself: that makes SAVEPOINTs work and
+    lets :func:`lineage_transaction` open ``BEGIN IMMEDIATE`` transactions.
+    """
+    u = _normalise(url)
+    if u.get_backend_name() == "postgresql":
+        return create_engine(u, pool_pre_ping=True, **kwargs)
+
+    if u.database and u.database != ":memory:":
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded attributes after commit (results outlive the transaction)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _ensure_lineage_row(session: Session, lineage: str) -> None:
+    dialect = session.get_bind().dialect.name
+    ins = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = ins(Lineage).values(name=lineage, created_at=utcnow())
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
+
+
+def lock_lineage(session: Session, lineage: str) -> None:
+    """Take the lineage's lock for the rest of the session's transaction.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE`` on the lineage row; other lockers
+    wait for this transaction to end. SQLite: an ``UPDATE`` of the lineage
+    row, which takes the database's write lock; other writers wait (busy
+    timeout). On SQLite call it first in a transaction, or use
+    :func:`lineage_transaction`, which begins with ``BEGIN IMMEDIATE`` so
+    that a stale read snapshot can never fail the upgrade to a write lock.
+    The lineage row is created if it does not exist.
+    """
+    _ensure_lineage_row(session, lineage)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Lineage.name).where(Lineage.name == lineage).with_for_update())
+    else:
+        session.execute(update(Lineage).where(Lineage.name == lineage).values(locked_at=utcnow()))
+
+
+@contextmanager
+def lineage_transaction(factory: sessionmaker[Session], lineage: str) -> Iterator[Session]:
+    """A session whose transaction holds ``lineage``'s lock; commits on success.
+
+    Jobs of one lineage that do their bookkeeping inside this block run one
+    at a time, in the order they got the lock. Keep the block short (claim a
+    job, read the anchor, commit a version): the lock is held until it ends.
+    """
+    with factory() as session:
+        if session.get_bind().dialect.name == "sqlite":
+            session.connection(execution_options={_BEGIN_OPTION: "IMMEDIATE"})
+        try:
+            lock_lineage(session, lineage)
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
