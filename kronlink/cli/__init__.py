@@ -13,12 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kronlink.cli import db, evaluate, fisher, tasks, train
+from kronlink.cli import db, evaluate, fisher, tasks, train, update
 from kronlink.errors import KronlinkError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (tasks, train, evaluate, fisher, db)
+COMMANDS = (tasks, train, evaluate, fisher, db, update)
 
 
 def build_parser() -> argparse.ArgumentParser:
