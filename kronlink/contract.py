@@ -1,0 +1,56 @@
+"""The contract between whoever submits update jobs and the worker that runs them.
+
+The submitter (``kronlink submit``, the service) never imports ``worker/``: it
+stores an :class:`UpdateJobSpec` in the job row, then enqueues the task named
+:data:`UPDATE_TASK` with an :class:`UpdateMessage` as keyword arguments. Both
+carry ids and settings only, never data: the dataset waits in the staging
+folder under ``staged_id`` and is deleted when the job ends.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["SWEEP_TASK", "UPDATE_TASK", "UpdateJobSpec", "UpdateMessage"]
+
+UPDATE_TASK = "kronlink.update"  # runs one update job: kwargs = UpdateMessage
+SWEEP_TASK = "kronlink.sweep"  # deletes stale staged data, recovers lost jobs
+
+_STAGED_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class UpdateMessage(BaseModel):
+    """The broker message: which job to run. Nothing else travels through the broker."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job_id: int = Field(gt=0)
+    lineage: str = Field(min_length=1, max_length=100)
+
+
+class UpdateJobSpec(BaseModel):
+    """What an update job does, stored as the job row's ``payload``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_name: str = Field(min_length=1, max_length=100)
+    staged_id: str  # folder name under the staging dir (uuid4 hex)
+    method: Literal["none", "l2", "ewc", "kfc", "ekfac"] = "kfc"
+    lambdas: float | list[float] | Literal["auto"] = "auto"
+    half_decades: bool = False
+    quality_gate: float | None = Field(default=None, ge=0, le=1)
+    # TrainConfig fields (epochs, batch_size, lr, seed, device...): names checked by the worker
+    train: dict[str, Any] = Field(default_factory=dict)
+    # Only for version 1 of a lineage: ranker kind and config overrides
+    ranker: dict[str, Any] = Field(default_factory=lambda: {"kind": "cnn"})
+    ontology: str | None = None  # ontology name recorded in the registry; None: the task name
+
+    @field_validator("staged_id")
+    @classmethod
+    def _hex_id(cls, v: str) -> str:
+        if not _STAGED_ID.match(v):
+            raise ValueError(f"expected 32 lowercase hex digits, got {v!r}")
+        return v

@@ -1,0 +1,56 @@
+"""Plain factories for the worker tests: tiny synthetic tasks, staging, grep."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from pathlib import Path
+
+from kronlink.data.io import save_task
+from kronlink.data.schema import Candidate, Concept, Query, Task
+from kronlink.settings import Settings
+
+NAMES = ["fever", "cough", "asthma", "angina", "anemia", "gout", "rash", "migraine"]
+TINY_RANKER = {
+    "kind": "cnn",
+    "tokenizer": None,
+    "embedding_dim": 8,
+    "channels": 8,
+    "hidden_size": 8,
+}
+TINY_TRAIN = {
+    "epochs": 1,
+    "batch_size": 16,
+    "lr": 0.003,
+    "head_lr": None,
+    "seed": 0,
+    "device": "cpu",
+}
+
+
+def make_task(name: str, seed: int, plant: str | None = None) -> Task:
+    """16 train, 8 dev, 8 test queries over 8 concepts; ``plant`` goes into every mention."""
+    rng = random.Random(seed)
+    queries = []
+    for split, n in (("train", 16), ("dev", 8), ("test", 8)):
+        for _ in range(n):
+            picked = rng.sample(NAMES, 4)
+            gold = rng.choice(picked)
+            mention = f"{gold} {plant}" if plant else f"{gold} noted"
+            cands = tuple(Candidate(c, c) for c in picked)
+            queries.append(Query(mention, gold, "patient has", "today", cands, split))
+    return Task(name, tuple(Concept(n, n) for n in NAMES), tuple(queries))
+
+
+def stage(settings: Settings, task: Task) -> str:
+    staged_id = uuid.uuid4().hex
+    save_task(task, settings.staging_path / staged_id)
+    return staged_id
+
+
+def unique_plant() -> str:
+    return f"zqxplanted{uuid.uuid4().hex}"
+
+
+def grep_tree(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]

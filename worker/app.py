@@ -1,0 +1,89 @@
+"""The Celery app factory and the per-process job context.
+
+    celery -A worker.app worker --pool solo --concurrency 1 -Q kronlink.updates
+    kronlink worker            # the same, from settings
+
+Nothing heavy happens at import: the app object holds configuration only
+(it connects when the worker starts), torch is imported by the first job,
+and CUDA is initialised only inside the job body of the one solo process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from functools import lru_cache
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from kronlink.contract import SWEEP_TASK, UPDATE_TASK
+from kronlink.settings import Settings, get_settings
+
+__all__ = ["app", "create_app", "job_context"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for ``settings`` (default: the environment's)."""
+    settings = settings or get_settings()
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    app = Celery("kronlink", broker=settings.broker, backend=settings.backend, set_as_current=False)
+    app.conf.update(
+        include=["worker.tasks"],
+        task_acks_late=True,  # ack after the job, so a lost worker's job is delivered again
+        task_reject_on_worker_lost=True,  # ...bounded by the job row's attempts (max_attempts)
+        worker_prefetch_multiplier=1,  # a long job must not hold back messages
+        worker_concurrency=1,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        broker_transport_options=settings.transport_options(settings.broker),
+        result_backend_transport_options=settings.transport_options(settings.backend),
+        broker_connection_retry_on_startup=True,
+        result_expires=7 * 24 * 3600,
+        task_default_queue=settings.queue,
+        task_routes={UPDATE_TASK: {"queue": settings.queue}, SWEEP_TASK: {"queue": settings.queue}},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=True,
+        broker_heartbeat=0,  # the job row has its own heartbeat
+    )
+    return app
+
+
+@lru_cache(maxsize=1)
+def job_context():
+    """The process's database engine, artifact store and identity, built once."""
+    from kronlink.registry import ArtifactStore, create_engine_from_url, make_session_factory
+    from worker.job import JobContext
+
+    settings = get_settings()
+    engine = create_engine_from_url(settings.database)
+    settings.staging_path.mkdir(parents=True, exist_ok=True)
+    return JobContext(
+        settings=settings,
+        factory=make_session_factory(engine),
+        store=ArtifactStore(settings.artifact_url),
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+    )
+
+
+@worker_ready.connect
+def _on_worker_ready(sender=None, **_: object) -> None:
+    """At start: sweep stale staged data, recover lost jobs, re-send queued ones."""
+    from worker.sweep import sweep
+
+    try:
+        report = sweep(job_context())
+        log.info("startup sweep: %s", report)
+        for job_id, lineage in report.queued:
+            app.send_task(UPDATE_TASK, kwargs={"job_id": job_id, "lineage": lineage})
+    except Exception:
+        log.exception("startup sweep failed")
+
+
+app = create_app()
