@@ -13,12 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kronlink.cli import db, evaluate, fisher, tasks, train, update
+from kronlink.cli import db, evaluate, fisher, submit, tasks, train, update, worker
 from kronlink.errors import KronlinkError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (tasks, train, evaluate, fisher, db, update)
+COMMANDS = (tasks, train, evaluate, fisher, db, update, worker, submit)
 
 
 def build_parser() -> argparse.ArgumentParser:
