@@ -28,6 +28,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from kronlink.cli.update import parse_grid, parse_lambdas
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.builders import build_task
 from kronlink.data.io import load_task, save_task
@@ -36,21 +37,6 @@ from kronlink.training import TrainConfig, seed_everything, train
 from kronlink.update import UpdateRequest, run_update
 
 WORK_PHASES = ("train", "select_lambda", "curvature")
-
-
-def _lambdas(text: str) -> float | tuple[float, ...] | str:
-    if text == "auto":
-        return "auto"
-    values = tuple(float(v) for v in text.split(","))
-    return values[0] if len(values) == 1 else values
-
-
-def _grid(text: str) -> dict:
-    if text == "paper":
-        return {}
-    if text == "half":
-        return {"half_decades": True}
-    return {"lambda_grid": tuple(float(v) for v in text.split(","))}
 
 
 def setup(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Path, TrainConfig]:
@@ -86,7 +72,7 @@ def job(args, model_dir: Path, prior_path: Path, staged: Path, cfg: TrainConfig,
     priors = [TaskState.load(prior_path, model=model)]
     timings["load"] = time.perf_counter() - t0
     request = UpdateRequest(
-        method=args.method, lambdas=_lambdas(args.lam), train=cfg, **_grid(args.grid)
+        method=args.method, lambdas=parse_lambdas(args.lam), train=cfg, **parse_grid(args.grid)
     )
     result = run_update(model, priors, task, request)
     timings.update({k: v for k, v in result.timings.items() if k != "total"})

@@ -19,7 +19,7 @@ from kronlink.cli._common import progress_bar, subset
 from kronlink.errors import ConfigError
 
 
-def _lambdas(text: str) -> float | tuple[float, ...] | str:
+def parse_lambdas(text: str) -> float | tuple[float, ...] | str:
     if text.strip() == "auto":
         return "auto"
     try:
@@ -29,7 +29,7 @@ def _lambdas(text: str) -> float | tuple[float, ...] | str:
     return values[0] if len(values) == 1 else values
 
 
-def _grid(text: str) -> dict:
+def parse_grid(text: str) -> dict:
     if text == "paper":
         return {}
     if text == "half":
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else (1e-3 if model.kind == "cnn" else 1e-4)
     request = UpdateRequest(
         method=args.method,
-        lambdas=_lambdas(args.lam),
+        lambdas=parse_lambdas(args.lam),
         auto_margin=args.margin,
         train=TrainConfig(
             epochs=args.epochs,
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         fisher=args.fisher,
         state_dtype="bf16" if args.bf16 else "fp32",
         quality_gate=args.quality_gate,
-        **_grid(args.grid),
+        **parse_grid(args.grid),
     )
     priors = [TaskState.load(p, model=model) for p in args.prior]
     task = _limited(load_task(args.task), args.limit, args.dev_limit, args.seed)

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -19,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from kronlink.errors import ConfigError
+from kronlink.registry.errors import NotFoundError
 from kronlink.registry.models import Lineage, utcnow
 
 __all__ = [
@@ -137,3 +138,20 @@ def lineage_transaction(factory: sessionmaker[Session], lineage: str) -> Iterato
         except BaseException:
             session.rollback()
             raise
+
+
+_Row = TypeVar("_Row")
+
+
+def row_by_id(
+    session: Session, model: type[_Row], row_id: int, what: str, *, for_update: bool = False
+) -> _Row:
+    """The row of ``model`` with primary key ``row_id`` (locked with
+    ``for_update``), or NotFoundError naming ``what``."""
+    q = select(model).where(model.id == row_id)  # type: ignore[attr-defined]
+    if for_update:
+        q = q.with_for_update()
+    row = session.scalar(q)
+    if row is None:
+        raise NotFoundError(f"{what} id {row_id} does not exist")
+    return row

@@ -28,8 +28,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kronlink.errors import ConfigError
-from kronlink.registry.db import lock_lineage
-from kronlink.registry.errors import InvalidTransitionError, LeaseLostError, NotFoundError
+from kronlink.registry.db import lock_lineage, row_by_id
+from kronlink.registry.errors import InvalidTransitionError, LeaseLostError
 from kronlink.registry.models import FINISHED_JOB_STATES, AuditAction, Job, JobState, utcnow
 from kronlink.registry.records import JobInfo
 from kronlink.registry.versions import record_audit
@@ -52,13 +52,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 
 
 def _job_row(session: Session, job_id: int, *, for_update: bool = False) -> Job:
-    q = select(Job).where(Job.id == job_id)
-    if for_update:
-        q = q.with_for_update()
-    row = session.scalar(q)
-    if row is None:
-        raise NotFoundError(f"job id {job_id} does not exist")
-    return row
+    return row_by_id(session, Job, job_id, "job", for_update=for_update)
 
 
 def get_job(session: Session, job_id: int) -> JobInfo:

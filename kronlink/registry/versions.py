@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kronlink.registry.db import lock_lineage
+from kronlink.registry.db import lock_lineage, row_by_id
 from kronlink.registry.errors import (
     ConflictError,
     InvalidTransitionError,
@@ -153,13 +153,7 @@ def list_tasks(session: Session) -> list[TaskInfo]:
 
 
 def _version_row(session: Session, version_id: int, *, for_update: bool = False) -> ModelVersion:
-    q = select(ModelVersion).where(ModelVersion.id == version_id)
-    if for_update:
-        q = q.with_for_update()
-    row = session.scalar(q)
-    if row is None:
-        raise NotFoundError(f"model version id {version_id} does not exist")
-    return row
+    return row_by_id(session, ModelVersion, version_id, "model version", for_update=for_update)
 
 
 def get_version(session: Session, version_id: int) -> VersionInfo:
