@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from kronlink._safetensors import canonicalize_header
 from kronlink.errors import CheckpointError
 
 FORMAT = "kronlink-curvature"
@@ -57,6 +58,7 @@ def write(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str]
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        canonicalize_header(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

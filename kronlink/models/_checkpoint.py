@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from kronlink._safetensors import canonicalize_header
 from kronlink.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
@@ -68,6 +69,7 @@ def write_checkpoint(
         str(directory / WEIGHTS_FILE),
         metadata={"kind": kind, "format_version": str(FORMAT_VERSION)},
     )
+    canonicalize_header(directory / WEIGHTS_FILE)
     payload = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
