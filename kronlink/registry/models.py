@@ -169,6 +169,11 @@ class Ontology(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     source: Mapped[str | None]  # where it came from (package, URL); public knowledge base
     concept_count: Mapped[int | None]
+    # The concepts file, kept for candidate generation (DESIGN.md section 1):
+    # an ontology is a public knowledge base, not training data.
+    artifact_uri: Mapped[str | None] = mapped_column(String(1000))
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

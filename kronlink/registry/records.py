@@ -44,10 +44,16 @@ class OntologyInfo:
     source: str | None
     concept_count: int | None
     created_at: datetime
+    artifact: ArtifactInfo | None = None  # the concepts file; None: not stored
 
     @classmethod
     def of(cls, row: Ontology) -> OntologyInfo:
-        return cls(row.id, row.name, row.source, row.concept_count, row.created_at)
+        art = (
+            ArtifactInfo(row.artifact_uri, row.artifact_sha256, row.artifact_bytes or 0)
+            if row.artifact_uri and row.artifact_sha256
+            else None
+        )
+        return cls(row.id, row.name, row.source, row.concept_count, row.created_at, art)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ __all__ = [
     "create_ontology",
     "create_task",
     "create_version",
+    "get_ontology",
     "get_task",
     "get_version",
     "list_audit",
@@ -117,10 +118,32 @@ def _insert_unique(session: Session, row: Any, what: str) -> None:
 
 
 def create_ontology(
-    session: Session, name: str, *, source: str | None = None, concept_count: int | None = None
+    session: Session,
+    name: str,
+    *,
+    source: str | None = None,
+    concept_count: int | None = None,
+    artifact: ArtifactInfo | None = None,
 ) -> OntologyInfo:
     row = Ontology(name=name, source=source, concept_count=concept_count)
+    if artifact is not None:
+        row.artifact_uri, row.artifact_sha256 = artifact.uri, artifact.sha256
+        row.artifact_bytes = artifact.bytes
     _insert_unique(session, row, f"ontology {name!r}")
+    return OntologyInfo.of(row)
+
+
+def get_ontology(session: Session, id_or_name: int | str) -> OntologyInfo:
+    """An ontology by id or by name; NotFoundError names what exists."""
+    if isinstance(id_or_name, int):
+        row = session.get(Ontology, id_or_name)
+    else:
+        row = session.scalars(select(Ontology).where(Ontology.name == id_or_name)).first()
+    if row is None:
+        names = session.scalars(select(Ontology.name).order_by(Ontology.id)).all()
+        raise NotFoundError(
+            f"ontology {id_or_name!r} does not exist; registered: {', '.join(names) or 'none'}"
+        )
     return OntologyInfo.of(row)
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from kronlink.cli import main
-from kronlink.registry import create_engine_from_url, current_revision, head_revision, upgrade
+from kronlink.registry import (
+    create_engine_from_url,
+    current_revision,
+    get_ontology,
+    head_revision,
+    make_session_factory,
+    upgrade,
+)
+from kronlink.registry.migrate import alembic_config
 from kronlink.registry.models import Base
 
 TABLES = {
@@ -25,7 +34,7 @@ TABLES = {
 def test_upgrade_from_empty_then_models_match(empty_db_url: str) -> None:
     assert current_revision(empty_db_url) is None
     upgrade(empty_db_url)
-    assert current_revision(empty_db_url) == head_revision() == "0001"
+    assert current_revision(empty_db_url) == head_revision() == "0002"
     engine = create_engine_from_url(empty_db_url)
     try:
         assert set(inspect(engine).get_table_names()) == TABLES
@@ -43,7 +52,7 @@ def test_cli_db_upgrade_and_current(tmp_path, capsys) -> None:
     assert main(["db", "current", "--url", url]) == 0
     assert "none (empty)" in capsys.readouterr().out
     assert main(["db", "upgrade", "--url", url]) == 0
-    assert "at revision 0001" in capsys.readouterr().out
+    assert "at revision 0002" in capsys.readouterr().out
     assert main(["db", "current", "--url", url]) == 0
     assert "up to date" in capsys.readouterr().out
 
@@ -52,4 +61,29 @@ def test_cli_reads_url_from_environment(tmp_path, monkeypatch, capsys) -> None:
     url = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("KRONLINK_DATABASE_URL", url)
     assert main(["db", "upgrade"]) == 0
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == "0002"
+
+
+def test_upgrade_from_0001_keeps_rows_and_downgrade_reverts(empty_db_url: str) -> None:
+    """A registry created before 0002 keeps its ontologies; they just have no file."""
+    upgrade(empty_db_url, "0001")
+    engine = create_engine_from_url(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO ontologies (name, source, concept_count, created_at) "
+                    "VALUES ('icd', 'pkg', 7, CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade(empty_db_url)
+        with make_session_factory(engine).begin() as s:
+            onto = get_ontology(s, "icd")
+        assert (onto.concept_count, onto.artifact) == (7, None)
+        command.downgrade(alembic_config(empty_db_url), "0001")
+        cols = {c["name"] for c in inspect(engine).get_columns("ontologies")}
+        assert "artifact_uri" not in cols and "concept_count" in cols
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM ontologies")).scalar() == 1
+    finally:
+        engine.dispose()
