@@ -12,6 +12,7 @@ ending; docs/worker.md lists the guarantees and how each is enforced.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -25,8 +26,10 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from kronlink.contract import UpdateJobSpec
+from kronlink.data.io import ONTOLOGY_FILE
 from kronlink.errors import DataFormatError, KronlinkError
 from kronlink.registry import (
+    ArtifactInfo,
     ArtifactStore,
     AuditAction,
     JobInfo,
@@ -42,6 +45,7 @@ from kronlink.registry import (
     create_version,
     finish_job,
     get_job,
+    get_ontology,
     get_task,
     heartbeat,
     lineage_transaction,
@@ -53,7 +57,7 @@ from kronlink.registry import (
 )
 from kronlink.settings import Settings
 
-__all__ = ["JobContext", "Outcome", "delete_staged", "run_job"]
+__all__ = ["JobContext", "Outcome", "delete_leftover", "delete_staged", "redact", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +174,7 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         job = get_job(s, job_id)
     if job.finished:
         log.info("job %s is already %s: nothing to do", job_id, job.state.value)
-        _delete_leftover(ctx, job)
+        delete_leftover(ctx, job)
         return Outcome.SKIPPED
     with lineage_transaction(ctx.factory, job.lineage) as s:
         claimed = claim_job(
@@ -182,7 +186,7 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         if job.state == JobState.QUEUED:
             return Outcome.NOT_READY
         if job.finished:  # cancelled while queued, or failed by the lease recovery
-            _delete_leftover(ctx, job)
+            delete_leftover(ctx, job)
         return Outcome.SKIPPED
 
     run: _Run | None = None
@@ -202,7 +206,7 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
     except _Ending as e:
         ending = e
     except DataFormatError as e:
-        ending = _Ending(JobState.FAILED, f"invalid dataset: {e}")
+        ending = _Ending(JobState.FAILED, f"invalid dataset: {redact(e, staged)}")
     except KronlinkError as e:
         ending = _Ending(JobState.FAILED, f"{type(e).__name__}: {e}")
     except Exception as e:
@@ -210,12 +214,13 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         ending = _Ending(JobState.FAILED, f"internal error ({type(e).__name__}): {e}")
     finally:
         done.set()
-        deleted = delete_staged(staged) if staged is not None else {"files": 0, "bytes": 0}
     if run is not None and run.lost.is_set():
+        # The job is someone else's now (requeued by the sweep): its staged
+        # data is theirs to read, and the ending that deletes it is theirs.
         _discard(ctx.store, written)
-        log.warning("job %s: lease lost; leaving the job to its new owner", job_id)
-        _audit_deleted(ctx, claimed, deleted, "lost")
+        log.warning("job %s: lease lost; leaving the job and its data to the new owner", job_id)
         return Outcome.LOST
+    deleted = delete_staged(staged) if staged is not None else {"files": 0, "bytes": 0}
     timings = run.timings if run is not None else {}
     try:
         with lineage_transaction(ctx.factory, claimed.lineage) as s:
@@ -223,6 +228,8 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
                 ending = commit(s) or ending
             _finish(ctx, s, claimed, ending, deleted, timings)
     except LeaseLostError:
+        # Lost between the last heartbeat and the commit: the data is gone
+        # already, so the new owner's attempt will fail cleanly as "missing".
         _discard(ctx.store, written)
         _audit_deleted(ctx, claimed, deleted, "lost")
         return Outcome.LOST
@@ -235,6 +242,30 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         with lineage_transaction(ctx.factory, claimed.lineage) as s:
             _finish(ctx, s, claimed, ending, deleted, timings)
     return Outcome(ending.state.value)
+
+
+_QUOTED = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"")
+
+
+def redact(error: DataFormatError, staged: Path | None) -> str:
+    """The error for the job row, without any text of the dataset.
+
+    Validation messages quote what they found (a split name, a gold id); the
+    job row outlives the data, so quoted values are replaced and the file is
+    named relative to the staged folder. The uploader saw the full message
+    when the service validated the upload.
+    """
+    path = error.path
+    if path is not None and staged is not None:
+        try:
+            path = Path(path).resolve().relative_to(staged.resolve()).as_posix()
+        except ValueError:
+            path = Path(path).name
+    where = [p for p in (path, error.line and f"line {error.line}") if p]
+    if error.field:
+        where.append(f"field {error.field}")
+    detail = _QUOTED.sub("<value withheld>", error.detail)
+    return f"{', '.join(where)}: {detail}" if where else detail
 
 
 def _finish(
@@ -266,8 +297,9 @@ def _audit_deleted(ctx: JobContext, job: JobInfo, deleted: dict[str, int], endin
         )
 
 
-def _delete_leftover(ctx: JobContext, job: JobInfo) -> None:
-    """A finished job whose staged data is still there (cancelled while queued)."""
+def delete_leftover(ctx: JobContext, job: JobInfo) -> None:
+    """A finished job whose staged data is still there (cancelled while queued,
+    or failed by the lease recovery after its worker died)."""
     staged_id = job.payload.get("staged_id")
     if not isinstance(staged_id, str) or "/" in staged_id or not staged_id:
         return
@@ -323,6 +355,7 @@ def _execute(run: _Run) -> tuple[Callable[[Session], _Ending | None], list[str]]
     ctx, spec, job = run.ctx, run.spec, run.job
     store = ctx.store
 
+    onto_name = spec.ontology or spec.task_name
     with _timed(run, "validate"):
         if not run.staged.is_dir():
             raise _Ending(
@@ -404,6 +437,13 @@ def _execute(run: _Run) -> tuple[Callable[[Session], _Ending | None], list[str]]
             model_art = store.put_dir(vkey, scratch / "out-model")
             written.append(skey)
             state_art = store.put_file(skey, scratch / "out-state.safetensors")
+            onto_art = None
+            with ctx.factory.begin() as s:
+                known = {o.name for o in list_ontologies(s)}
+            if onto_name not in known:  # kept for the service's candidate generation
+                okey = f"ontologies/{onto_name}/{attempt}"
+                written.append(okey)
+                onto_art = store.put_file(okey, run.staged / ONTOLOGY_FILE)
     except BaseException:
         if "written" in locals():
             _discard(store, written)
@@ -437,7 +477,7 @@ def _execute(run: _Run) -> tuple[Callable[[Session], _Ending | None], list[str]]
                 f"the active version of {job.lineage!r} changed while the job ran "
                 f"(anchored on {parent_id}, now {now_active.id if now_active else None}); resubmit",
             )
-        task_id = _task_id(s, spec, sizes)
+        task_id = _task_id(s, spec, sizes, onto_art)
         v = create_version(
             s,
             lineage=job.lineage,
@@ -470,14 +510,18 @@ def _execute(run: _Run) -> tuple[Callable[[Session], _Ending | None], list[str]]
     return commit, written
 
 
-def _task_id(s: Session, spec: UpdateJobSpec, sizes: dict[str, int]) -> int:
+def _task_id(
+    s: Session, spec: UpdateJobSpec, sizes: dict[str, int], onto_art: ArtifactInfo | None
+) -> int:
     try:
         return get_task(s, spec.task_name).id
     except NotFoundError:
         pass
     onto_name = spec.ontology or spec.task_name
-    existing = [o for o in list_ontologies(s) if o.name == onto_name]
-    onto = (
-        existing[0] if existing else create_ontology(s, onto_name, concept_count=sizes["concepts"])
-    )
+    try:
+        onto = get_ontology(s, onto_name)
+    except NotFoundError:
+        onto = create_ontology(
+            s, onto_name, concept_count=sizes["concepts"], source="upload", artifact=onto_art
+        )
     return create_task(s, spec.task_name, ontology_id=onto.id, sizes=sizes).id

@@ -13,7 +13,7 @@ from kronlink.registry import (
     record_audit,
     recover_expired_jobs,
 )
-from worker.job import JobContext, delete_staged
+from worker.job import JobContext, delete_leftover, delete_staged
 
 __all__ = ["SweepReport", "sweep", "sweep_staged"]
 
@@ -63,6 +63,9 @@ def sweep(ctx: JobContext, *, now: float | None = None) -> SweepReport:
         changed = recover_expired_jobs(s, max_attempts=ctx.settings.max_attempts)
         report.recovered = [j.id for j in changed]
         report.queued = [(j.id, j.lineage) for j in list_jobs(s, state=JobState.QUEUED)]
+    for job in changed:
+        if job.state == JobState.FAILED:  # out of attempts: nobody will read its data again
+            delete_leftover(ctx, job)
     report.staged_deleted = sweep_staged(ctx, now=now)
     report.temporary_removed = ctx.store.sweep_temporary()
     return report

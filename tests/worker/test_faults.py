@@ -27,11 +27,13 @@ from kronlink.contract import UpdateJobSpec
 from kronlink.data.io import save_task
 from kronlink.registry import (
     ArtifactStore,
+    AuditAction,
     JobState,
     active_version,
     create_engine_from_url,
     create_job,
     get_job,
+    list_audit,
     list_task_states,
     list_versions,
     make_session_factory,
@@ -153,17 +155,9 @@ def _artifact_keys(ctx: JobContext) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_sigkill_mid_training_leaves_v1_active_and_nothing_stuck(env, tmp_path, capsys) -> None:
-    values, ctx = env
-    log = tmp_path / "worker.log"
-    _bootstrap(ctx)
-    # long enough to be caught in "train" (one step per epoch, a dev eval each)
-    job_id = _submit(tmp_path, capsys, "beta", 2, {**TINY_TRAIN, "epochs": 600})
-    staged_id = _job(ctx, job_id).payload["staged_id"]
-    staged = ctx.settings.staging_path / staged_id
-
-    # this worker's claim takes a short lease, so the kill is recovered quickly
-    proc = _start_worker(values, log, KRONLINK_LEASE_S=str(LEASE_S))
+def _kill_in_training(values: dict, ctx: JobContext, log: Path, job_id: int, **env: str) -> None:
+    """Start a worker with a short lease, wait until the job trains, SIGKILL the worker."""
+    proc = _start_worker(values, log, KRONLINK_LEASE_S=str(LEASE_S), **env)
     try:
         # the process we kill is the celery worker itself, not a wrapper
         deadline = time.monotonic() + TIMEOUT_S
@@ -191,6 +185,30 @@ def test_sigkill_mid_training_leaves_v1_active_and_nothing_stuck(env, tmp_path, 
     finally:
         _stop(proc)
 
+
+def _sweep_until_recovered(ctx: JobContext, job_id: int):
+    """The lease expires without heartbeats; the sweep then recovers the job."""
+    report = sweep(ctx)
+    assert report.recovered == []  # lease still live right after the kill
+    deadline = time.monotonic() + 4 * LEASE_S + 10
+    while job_id not in report.recovered:
+        assert time.monotonic() < deadline, "the expired lease was never recovered"
+        time.sleep(0.5)
+        report = sweep(ctx)
+    return report
+
+
+def test_sigkill_mid_training_leaves_v1_active_and_nothing_stuck(env, tmp_path, capsys) -> None:
+    values, ctx = env
+    log = tmp_path / "worker.log"
+    _bootstrap(ctx)
+    # long enough to be caught in "train" (one step per epoch, a dev eval each)
+    job_id = _submit(tmp_path, capsys, "beta", 2, {**TINY_TRAIN, "epochs": 600})
+    staged_id = _job(ctx, job_id).payload["staged_id"]
+    staged = ctx.settings.staging_path / staged_id
+
+    _kill_in_training(values, ctx, log, job_id)
+
     # killed mid-training: v1 still active, no version 2, no artifact of job 2
     job = _job(ctx, job_id)
     assert job.state == JobState.RUNNING and job.attempts == 1 and job.phase == "train"
@@ -201,14 +219,8 @@ def test_sigkill_mid_training_leaves_v1_active_and_nothing_stuck(env, tmp_path, 
     assert [k for k in _artifact_keys(ctx) if f"j{job_id}-" in k] == []
     assert staged.is_dir()  # left to the re-run or the sweep
 
-    # the lease expires without heartbeats; the sweep requeues the job (attempt counted)
-    report = sweep(ctx)
-    assert report.recovered == []  # lease still live right after the kill
-    deadline = time.monotonic() + 4 * LEASE_S + 10
-    while job_id not in report.recovered:
-        assert time.monotonic() < deadline, "the expired lease was never recovered"
-        time.sleep(0.5)
-        report = sweep(ctx)
+    # the lease expires; the sweep requeues the job (attempt counted)
+    report = _sweep_until_recovered(ctx, job_id)
     job = _job(ctx, job_id)
     assert job.state == JobState.QUEUED and job.attempts == 1
     assert job.owner is None and job.lease_until is None
@@ -234,6 +246,34 @@ def test_sigkill_mid_training_leaves_v1_active_and_nothing_stuck(env, tmp_path, 
     assert not any(f"j{job_id}-a1" in k for k in keys)
     assert not staged.exists()
     assert list(ctx.settings.staging_path.iterdir()) == []
+
+
+def test_sigkill_on_the_last_attempt_fails_the_job_and_the_sweep_deletes_the_data(
+    env, tmp_path, capsys
+) -> None:
+    """With one attempt allowed, a killed job is not re-run: the sweep fails it,
+    deletes its staged data at once (not after staged_max_age_s) and audits it."""
+    values, ctx = env
+    log = tmp_path / "worker.log"
+    _bootstrap(ctx)
+    job_id = _submit(tmp_path, capsys, "beta", 2, {**TINY_TRAIN, "epochs": 600})
+    staged = ctx.settings.staging_path / _job(ctx, job_id).payload["staged_id"]
+    _kill_in_training(values, ctx, log, job_id)
+    assert staged.is_dir()
+
+    ctx.settings = ctx.settings.model_copy(update={"max_attempts": 1})
+    report = _sweep_until_recovered(ctx, job_id)
+    job = _job(ctx, job_id)
+    assert job.state == JobState.FAILED and "gave up after 1 attempt" in job.error
+    assert job.lease_until is None and (job_id, "main") not in report.queued
+    assert not staged.exists()
+    with ctx.factory.begin() as s:
+        assert [v.number for v in list_versions(s, "main")] == [1]
+        assert active_version(s, "main").number == 1
+        deleted = list_audit(s, subject=f"job:{job_id}", action=AuditAction.DATA_DELETED)
+    assert len(deleted) == 1 and deleted[0].details["files"] == 3
+    assert [k for k in _artifact_keys(ctx) if f"j{job_id}-" in k] == []
+    assert run_job(ctx, job_id) == Outcome.SKIPPED  # a late redelivery does nothing
 
 
 def test_two_jobs_for_one_lineage_run_in_order(env, tmp_path, capsys) -> None:

@@ -134,3 +134,93 @@ def test_cancel_mid_training_leaves_the_active_version(ctx: JobContext, settings
     ]
     assert not (settings.staging_path / staged_id).exists()
     assert len(deleted_rows(ctx, job_id)) == 1
+
+
+def test_job_error_names_the_place_but_keeps_no_dataset_text(
+    ctx: JobContext, settings: Settings
+) -> None:
+    bootstrap(ctx)
+    plant = unique_plant()
+    staged_id = stage(settings, make_task("eps", 5))
+    queries = settings.staging_path / staged_id / "queries.jsonl"
+    lines = queries.read_text().splitlines()
+    bad = lines[2].replace('"split":"train"', f'"split":"{plant}"')
+    assert bad != lines[2]
+    queries.write_text("\n".join([*lines[:2], bad, *lines[3:]]) + "\n")
+    job_id = submit(ctx, "eps", staged_id)
+
+    assert run_job(ctx, job_id) == Outcome.FAILED
+    with ctx.factory.begin() as s:
+        job = get_job(s, job_id)
+    assert job.error.startswith("invalid dataset: queries.jsonl, line 3, field split: ")
+    assert plant not in job.error and staged_id not in job.error
+    db_files = list(settings.data_path.glob("kronlink.db*"))
+    assert db_files and all(plant.encode() not in p.read_bytes() for p in db_files)
+
+
+def test_the_ontology_is_kept_for_candidate_generation(ctx: JobContext, settings: Settings) -> None:
+    from kronlink.data.io import ONTOLOGY_FILE, read_ontology
+    from kronlink.registry import get_ontology, get_task
+
+    plant = unique_plant()
+    task = make_task("alpha", 1, plant=plant)
+    staged_id = stage(settings, task)
+    job_id = submit(ctx, "alpha", staged_id, method="none", ontology="toy-vocab")
+    assert run_job(ctx, job_id) == Outcome.SUCCEEDED
+    with ctx.factory.begin() as s:
+        onto = get_ontology(s, "toy-vocab")
+        assert get_task(s, "alpha").ontology_id == onto.id
+    assert onto.concept_count == len(task.concepts) and onto.artifact is not None
+    path = ctx.store.get(ctx.store.key_of(onto.artifact.uri), onto.artifact.sha256)
+    if path.is_dir():
+        path = path / ONTOLOGY_FILE
+    assert [c.id for c in read_ontology(path)] == [c.id for c in task.concepts]
+    # the concepts stay; the mentions (planted) do not
+    assert grep_tree(Path(settings.artifact_url), plant.encode()) == []
+
+
+def test_a_lost_lease_leaves_the_data_to_the_next_attempt(
+    ctx: JobContext, settings: Settings
+) -> None:
+    """The sweep requeues a job whose lease expired while its worker still ran
+    (a stalled process): the stale run stops without deleting the staged data,
+    so the requeued attempt can still read it."""
+    from datetime import timedelta
+
+    from kronlink.registry import recover_expired_jobs
+    from kronlink.registry.models import Job, utcnow
+    from kronlink.update import run_update
+
+    bootstrap(ctx)
+    staged_id = stage(settings, make_task("zeta", 6))
+    job_id = submit(ctx, "zeta", staged_id, method="kfc", lambdas=10.0)
+
+    def stalling_update(model, priors, task, request, *, on_progress, should_stop):
+        def progress(p):
+            if p.phase == "train" and not should_stop():
+                with ctx.factory.begin() as s:  # the lease runs out under us
+                    s.get(Job, job_id).lease_until = utcnow() - timedelta(seconds=1)
+                with ctx.factory.begin() as s:
+                    assert [j.id for j in recover_expired_jobs(s)] == [job_id]
+            on_progress(p)
+
+        return run_update(
+            model, priors, task, request, on_progress=progress, should_stop=should_stop
+        )
+
+    ctx.update_fn = stalling_update
+    assert run_job(ctx, job_id) == Outcome.LOST
+    assert (settings.staging_path / staged_id).is_dir()
+    with ctx.factory.begin() as s:
+        assert get_job(s, job_id).state == JobState.QUEUED
+        assert len(list_versions(s, "main")) == 1
+    assert deleted_rows(ctx, job_id) == []
+
+    ctx.update_fn = None
+    assert run_job(ctx, job_id) == Outcome.SUCCEEDED
+    with ctx.factory.begin() as s:
+        job = get_job(s, job_id)
+        assert active_version(s, "main").number == 2
+    assert job.attempts == 2
+    assert not (settings.staging_path / staged_id).exists()
+    assert len(deleted_rows(ctx, job_id)) == 1
