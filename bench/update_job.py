@@ -1,40 +1,62 @@
 """Wall time of one update job by phase, and the bytes stored per task.
 
     .venv/bin/python bench/update_job.py [--model cnn|transformer] [--limit 2500]
-        [--k 10] [--epochs 2] [--method kfc] [--lambda 10|auto] [--grid paper|half|N,N]
+        [--k 10] [--epochs 2] [--method kfc] [--lambda 10|auto] [--grid paper|half]
         [--threads N] [--device cpu]
 
 Setup (not timed): ICD-10-CM is the prior task (a ranker trained on it, its
-curvature estimated and saved as a state file), HPO the new one, saved as a
-staged task folder. The timed job is what the worker will run minus the
-database: load the staged task, the model and the prior state; ``run_update``
-(validate, select_lambda with "auto", train, curvature, evaluate); save the
-new model and state. Prints a markdown table (phase, seconds, share of the
-job's wall time), the share outside train + select_lambda + curvature (the
-issue's target: under 10% on a realistic task size), and the new state's file
-size against the model's parameter bytes (fp32).
+curvature estimated and saved as a state file, both registered as version 1
+of a SQLite registry with a local artifact store), HPO the new one, staged as
+an upload would be. The timed job is the worker's own job body,
+``worker.job.run_job``, from the call to its return: claim (lease), validate,
+load (checksummed artifacts), ``run_update`` (select_lambda with "auto",
+train, curvature, evaluate), write artifacts, commit the version, delete the
+staged data. Prints a markdown table (phase, seconds, share of the job's wall
+time), the share outside train + select_lambda + curvature (the issue's
+target: under 10% on a realistic task size), and the stored bytes of the new
+task's state against the model version's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kronlink.cli.update import parse_grid, parse_lambdas
+from kronlink.cli.update import parse_lambdas
+from kronlink.contract import UpdateJobSpec
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.builders import build_task
-from kronlink.data.io import load_task, save_task
-from kronlink.models import build_ranker, load_ranker
+from kronlink.data.io import save_task
+from kronlink.models import build_ranker
+from kronlink.registry import (
+    ArtifactStore,
+    activate_version,
+    active_version,
+    add_task_state,
+    create_engine_from_url,
+    create_job,
+    create_ontology,
+    create_task,
+    create_version,
+    get_job,
+    list_task_states,
+    make_session_factory,
+    upgrade,
+)
+from kronlink.settings import Settings
 from kronlink.training import TrainConfig, seed_everything, train
-from kronlink.update import UpdateRequest, run_update
+from worker.job import JobContext, Outcome, run_job
 
 WORK_PHASES = ("train", "select_lambda", "curvature")
 
@@ -65,24 +87,53 @@ def setup(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Path, Train
 
 
 def job(args, model_dir: Path, prior_path: Path, staged: Path, cfg: TrainConfig, root: Path):
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    task = load_task(staged)
-    model = load_ranker(model_dir)
-    priors = [TaskState.load(prior_path, model=model)]
-    timings["load"] = time.perf_counter() - t0
-    request = UpdateRequest(
-        method=args.method, lambdas=parse_lambdas(args.lam), train=cfg, **parse_grid(args.grid)
+    """The worker's job body (``worker.job.run_job``) on a SQLite registry and a
+    local artifact store, with v1 (ICD-10-CM) registered as the worker would
+    have left it. Timed from the call to its return: claim, validate, load,
+    run_update, write, commit, delete the staged data."""
+    settings = Settings(data_dir=root / "data", progress_interval_s=2.0)
+    upgrade(settings.database)
+    engine = create_engine_from_url(settings.database)
+    ctx = JobContext(
+        settings=settings,
+        factory=make_session_factory(engine),
+        store=ArtifactStore(settings.artifact_url),
+        owner="bench",
     )
-    result = run_update(model, priors, task, request)
-    timings.update({k: v for k, v in result.timings.items() if k != "total"})
-    t1 = time.perf_counter()
-    model.to("cpu").save(root / "v2")
-    state_path = root / "hpo.safetensors"
-    assert result.new_state is not None
-    result.new_state.save(state_path, dtype=request.state_torch_dtype)
-    timings["save"] = time.perf_counter() - t1
-    return result, timings, state_path, model
+    model_art = ctx.store.put_dir("versions/main/v1", model_dir)
+    state_art = ctx.store.put_file("states/main/v1/icd10cm", prior_path)
+    with ctx.factory.begin() as s:
+        onto = create_ontology(s, "icd10cm")
+        task = create_task(s, "icd10cm", ontology_id=onto.id)
+        v1 = create_version(s, lineage="main", method="none", artifact=model_art, task_id=task.id)
+        add_task_state(s, v1.id, task.id, state_art)
+        activate_version(s, v1.id)
+    staged_id = uuid.uuid4().hex
+    settings.staging_path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(staged, settings.staging_path / staged_id)
+    lambdas = parse_lambdas(args.lam)
+    spec = UpdateJobSpec(
+        task_name="hpo",
+        staged_id=staged_id,
+        method=args.method,
+        lambdas=list(lambdas) if isinstance(lambdas, tuple) else lambdas,
+        train=dataclasses.asdict(cfg),
+        half_decades=args.grid == "half",
+    )
+    with ctx.factory.begin() as s:
+        row, _ = create_job(s, lineage="main", payload=spec.model_dump(mode="json"))
+    t0 = time.perf_counter()
+    outcome = run_job(ctx, row.id)
+    wall = time.perf_counter() - t0
+    with ctx.factory.begin() as s:
+        done = get_job(s, row.id)
+        v2 = active_version(s, "main")
+        states = list_task_states(s, v2.id)
+    engine.dispose()
+    if outcome != Outcome.SUCCEEDED:
+        raise SystemExit(f"the job ended {outcome.value}: {done.error}")
+    new_state = next(st for st in states if st.artifact.uri.endswith("/hpo"))
+    return done, v2, wall, new_state.artifact.bytes, v2.artifact.bytes
 
 
 def main() -> None:
@@ -93,7 +144,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--method", default="kfc")
     p.add_argument("--lambda", dest="lam", default="10")
-    p.add_argument("--grid", default="paper")
+    p.add_argument("--grid", choices=["paper", "half"], default="paper", help="λ grid of auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     args = p.parse_args()
@@ -102,29 +153,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, prior_path, staged, cfg = setup(args, root)
-        result, timings, state_path, model = job(args, model_dir, prior_path, staged, cfg, root)
-        wall = sum(timings.values())
-        print(
-            f"\n{args.model}, method {args.method}, λ {args.lam} -> {result.lambdas}, "
-            f"{args.epochs} epoch(s), test accuracy {result.test.accuracy:.4f}, "
-            f"predicted forgetting {[round(v, 4) for v in result.predicted_forgetting]}\n"
+        done, v2, wall, state_bytes, model_bytes = job(
+            args, model_dir, prior_path, staged, cfg, root
         )
-        print("| phase | seconds | share of wall time |")
-        print("|---|---|---|")
-        for phase, sec in timings.items():
-            print(f"| {phase} | {sec:.3f} | {sec / wall:.1%} |")
-        print(f"| **job** | {wall:.3f} | 100% |")
-        outside = wall - sum(timings.get(k, 0.0) for k in WORK_PHASES)
-        print(f"\nshare outside {' + '.join(WORK_PHASES)}: {outside / wall:.1%} (target < 10%)")
-        n_params = sum(p.numel() for p in model.parameters())
-        state_bytes = state_path.stat().st_size
-        print(
-            f"new task state: {state_bytes:,} bytes ({', '.join(result.new_state.curvature.kinds)}"
-            f" + anchor); parameters fp32: {4 * n_params:,} bytes; "
-            f"ratio {state_bytes / (4 * n_params):.2f}x"
-        )
-        if result.selection:
-            print(json.dumps([r.as_dict() for r in result.selection], indent=1))
+    t = done.timings
+    m = v2.metrics
+    print(
+        f"\n{args.model}, method {args.method}, λ {args.lam} -> {v2.lambdas}, "
+        f"{args.epochs} epoch(s), test accuracy {m['test']['accuracy']:.4f}, "
+        f"predicted forgetting {m['predicted_forgetting']}\n"
+    )
+    # run_update's own phases nest inside the worker's "update" phase
+    inner = {k.removeprefix("update."): v for k, v in t.items() if k.startswith("update.")}
+    inner.pop("total", None)
+    rows = [(k, v) for k, v in t.items() if "." not in k and k != "update"]
+    rows += [(f"update: {k}", v) for k, v in inner.items()]
+    rows.append(("update: other", t.get("update", 0.0) - sum(inner.values())))
+    rows.append(("claim + commit + delete", wall - sum(v for k, v in t.items() if "." not in k)))
+    print("| phase | seconds | share of wall time |")
+    print("|---|---|---|")
+    for phase, sec in rows:
+        print(f"| {phase} | {sec:.3f} | {sec / wall:.1%} |")
+    print(f"| **job (run_job)** | {wall:.3f} | 100% |")
+    outside = wall - sum(inner.get(k, 0.0) for k in WORK_PHASES)
+    print(f"\nshare outside {' + '.join(WORK_PHASES)}: {outside / wall:.1%} (target < 10%)")
+    print(
+        f"new task state: {state_bytes:,} bytes; model version: {model_bytes:,} bytes; "
+        f"state / model {state_bytes / model_bytes:.2f}x"
+    )
+    if m.get("selection"):
+        print(json.dumps(m["selection"], indent=1))
 
 
 if __name__ == "__main__":
