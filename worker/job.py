@@ -220,18 +220,18 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         _discard(ctx.store, written)
         log.warning("job %s: lease lost; leaving the job and its data to the new owner", job_id)
         return Outcome.LOST
-    deleted = delete_staged(staged) if staged is not None else {"files": 0, "bytes": 0}
     timings = run.timings if run is not None else {}
     try:
         with lineage_transaction(ctx.factory, claimed.lineage) as s:
             if commit is not None:
                 ending = commit(s) or ending
-            _finish(ctx, s, claimed, ending, deleted, timings)
+            finish_job(
+                s, job_id, ending.state, owner=ctx.owner, error=ending.error, timings=timings
+            )
     except LeaseLostError:
-        # Lost between the last heartbeat and the commit: the data is gone
-        # already, so the new owner's attempt will fail cleanly as "missing".
+        # Lost between the last heartbeat and the commit: the job and its data
+        # are the new owner's, as above.
         _discard(ctx.store, written)
-        _audit_deleted(ctx, claimed, deleted, "lost")
         return Outcome.LOST
     except Exception as e:
         if commit is None:
@@ -240,7 +240,15 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         _discard(ctx.store, written)
         ending = _Ending(JobState.FAILED, f"commit failed ({type(e).__name__}): {e}")
         with lineage_transaction(ctx.factory, claimed.lineage) as s:
-            _finish(ctx, s, claimed, ending, deleted, timings)
+            finish_job(
+                s, job_id, ending.state, owner=ctx.owner, error=ending.error, timings=timings
+            )
+    # Deleted only once the ending is committed: a worker killed before that
+    # leaves the job running, and its next attempt needs the data. A kill
+    # between the commit and this line leaves the folder of a finished job,
+    # which the sweep deletes at once (sweep_staged).
+    if staged is not None:
+        _audit_deleted(ctx, claimed, delete_staged(staged), ending.state.value)
     return Outcome(ending.state.value)
 
 
@@ -266,24 +274,6 @@ def redact(error: DataFormatError, staged: Path | None) -> str:
         where.append(f"field {error.field}")
     detail = _QUOTED.sub("<value withheld>", error.detail)
     return f"{', '.join(where)}: {detail}" if where else detail
-
-
-def _finish(
-    ctx: JobContext,
-    s: Session,
-    job: JobInfo,
-    ending: _Ending,
-    deleted: dict[str, int],
-    timings: dict[str, float],
-) -> None:
-    finish_job(s, job.id, ending.state, owner=ctx.owner, error=ending.error, timings=timings)
-    record_audit(
-        s,
-        AuditAction.DATA_DELETED,
-        f"job:{job.id}",
-        actor=ctx.owner,
-        details={**deleted, "ending": ending.state.value},
-    )
 
 
 def _audit_deleted(ctx: JobContext, job: JobInfo, deleted: dict[str, int], ending: str) -> None:

@@ -62,6 +62,7 @@ from kronlink.registry.versions import (
     list_versions,
     mark_version_failed,
     record_audit,
+    referenced_artifact_uris,
     rollback,
 )
 
@@ -114,6 +115,7 @@ __all__ = [
     "mark_version_failed",
     "record_audit",
     "recover_expired_jobs",
+    "referenced_artifact_uris",
     "request_cancel",
     "rollback",
     "task_state_key",

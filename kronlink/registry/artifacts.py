@@ -346,6 +346,18 @@ class ArtifactStore:
             )
         return dest
 
+    def children(self, prefix: str) -> list[str]:
+        """Names directly under ``prefix`` (hidden ones excluded); [] when absent."""
+        path = self._path(prefix)
+        if self._local is not None:
+            p = Path(path)
+            names = [c.name for c in p.iterdir()] if p.is_dir() else []
+        elif self._fs.isdir(path):
+            names = [c.rstrip("/").rsplit("/", 1)[-1] for c in self._fs.ls(path, detail=False)]
+        else:
+            names = []
+        return sorted(n for n in names if not n.startswith("."))
+
     def delete(self, key: str) -> None:
         """Remove an artifact (a failed version's, say). Missing keys are fine."""
         path = self._path(key)

@@ -61,6 +61,7 @@ __all__ = [
     "list_versions",
     "mark_version_failed",
     "record_audit",
+    "referenced_artifact_uris",
     "rollback",
 ]
 
@@ -266,6 +267,14 @@ def add_task_state(
     )
     _insert_unique(session, row, f"state of task {task_id} in version {version_id}")
     return TaskStateInfo.of(row)
+
+
+def referenced_artifact_uris(session: Session) -> set[str]:
+    """Every artifact URI a registry row points at: versions, task states, ontologies."""
+    uris: set[str] = set()
+    for column in (ModelVersion.artifact_uri, TaskState.artifact_uri, Ontology.artifact_uri):
+        uris.update(u for u in session.scalars(select(column)) if u)
+    return uris
 
 
 def list_task_states(session: Session, version_id: int) -> list[TaskStateInfo]:
