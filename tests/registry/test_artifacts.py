@@ -114,3 +114,15 @@ def test_keys_are_checked(store: ArtifactStore, tmp_path: Path) -> None:
     for bad in ("../escape", "/abs", ".tmp/x", "a/./b", "a//b", ""):
         with pytest.raises(Exception, match="artifact key"):
             store.put_file(bad, src)
+
+
+def test_children_lists_published_names_only(store: ArtifactStore, tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x")
+    assert store.children("versions") == []
+    for key in ("versions/main/j1-a1", "versions/main/j2-a1", "versions/other/j3-a1"):
+        store.put_file(key, src)
+    assert store.children("versions") == ["main", "other"]
+    assert store.children("versions/main") == ["j1-a1", "j2-a1"]
+    store.delete("versions/main/j1-a1")
+    assert store.children("versions/main") == ["j2-a1"]
