@@ -7,6 +7,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kronlink.errors import ConfigError
 from kronlink.registry import (
@@ -39,6 +40,11 @@ class SweepReport:
     orphans_removed: list[str] = field(default_factory=list)
 
 
+def _newest_mtime(path: Path) -> float:
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    return max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+
+
 def sweep_staged(ctx: JobContext, *, now: float | None = None) -> list[str]:
     """Delete staged folders of finished jobs at once, and any other older than
     ``staged_max_age_s`` except a running job's."""
@@ -51,8 +57,15 @@ def sweep_staged(ctx: JobContext, *, now: float | None = None) -> list[str]:
     deleted = []
     for path in sorted(root.iterdir()):
         if path.name.startswith("."):
-            continue
-        job = by_staged.get(path.name)
+            # Half-received uploads (the service's .upload-<id>, submit's
+            # .<id>.part) whose writer died: by the newest file, since a live
+            # upload keeps writing.
+            partial = path.name.startswith(".upload-") or path.name.endswith(".part")
+            if not partial or now - _newest_mtime(path) <= ctx.settings.staged_max_age_s:
+                continue
+            job = None
+        else:
+            job = by_staged.get(path.name)
         if job is not None and job.finished:  # its worker died after the commit
             delete_leftover(ctx, job)
             log.info("sweep: deleted staged data %s of finished job %s", path.name, job.id)
