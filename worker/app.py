@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 from functools import lru_cache
 
 from celery import Celery
@@ -74,7 +76,8 @@ def job_context():
 
 @worker_ready.connect
 def _on_worker_ready(sender=None, **_: object) -> None:
-    """At start: sweep stale staged data, recover lost jobs, re-send queued ones."""
+    """At start: sweep stale staged data, recover lost jobs, re-send queued ones;
+    then keep sweeping every ``sweep_interval_s`` beside the jobs."""
     from worker.sweep import sweep
 
     try:
@@ -84,6 +87,32 @@ def _on_worker_ready(sender=None, **_: object) -> None:
             app.send_task(UPDATE_TASK, kwargs={"job_id": job_id, "lineage": lineage})
     except Exception:
         log.exception("startup sweep failed")
+    interval = get_settings().sweep_interval_s
+    if interval > 0:
+        threading.Thread(
+            target=_sweep_forever, args=(interval,), name="kronlink-sweep", daemon=True
+        ).start()
+
+
+def _sweep_forever(interval: float) -> None:
+    """Without it, staged data of a dead job and a lost lease wait for the next
+    worker start or job. Queued jobs are not re-sent here: their messages are
+    in the broker (a broker that lost them is the startup sweep's case), and
+    a re-send every interval would pile up duplicates behind a long job. A job
+    this sweep requeued is re-sent once: its dead worker consumed its message."""
+    from worker.sweep import sweep
+
+    while True:
+        time.sleep(interval)
+        try:
+            report = sweep(job_context())
+            if report.staged_deleted or report.recovered or report.orphans_removed:
+                log.info("periodic sweep: %s", report)
+            for job_id, lineage in report.queued:
+                if job_id in report.recovered:
+                    app.send_task(UPDATE_TASK, kwargs={"job_id": job_id, "lineage": lineage})
+        except Exception:
+            log.exception("periodic sweep failed")
 
 
 app = create_app()

@@ -45,3 +45,29 @@ def test_sweep_staged_deletes_stale_and_abandoned_partial_uploads(ctx: JobContex
         rows = list_audit(s, action=AuditAction.DATA_DELETED)
     assert sorted(r.subject for r in rows) == sorted(f"staging:{p.name}" for p in gone)
     assert all(r.details["files"] == 1 and r.details["ending"] == "sweep" for r in rows)
+
+
+def test_a_running_worker_sweeps_periodically(env, tmp_path: Path) -> None:
+    """Staged data left by a dead job goes while the worker idles, not only at
+    its next start or job."""
+    from worker_procs import start_worker, stop_worker
+
+    values, ctx = env
+    old = ctx.settings.staged_max_age_s + 60
+    first = _folder(ctx.settings.staging_path, "e" * 32, old)  # for the startup sweep
+    proc = start_worker(values, tmp_path / "worker.log", KRONLINK_SWEEP_INTERVAL_S="0.5")
+    try:
+        deadline = time.monotonic() + 60
+        while first.exists():  # gone: the startup sweep ran, the periodic one starts
+            assert proc.poll() is None and time.monotonic() < deadline, "worker never ready"
+            time.sleep(0.2)
+        stale = _folder(ctx.settings.staging_path, "d" * 32, old)
+        deadline = time.monotonic() + 20
+        while stale.exists():
+            assert time.monotonic() < deadline, "the periodic sweep never ran"
+            time.sleep(0.2)
+    finally:
+        stop_worker(proc)
+    with ctx.factory.begin() as s:
+        rows = list_audit(s, subject=f"staging:{stale.name}", action=AuditAction.DATA_DELETED)
+    assert len(rows) == 1
