@@ -33,7 +33,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kronlink.cli.update import parse_lambdas
 from kronlink.contract import UpdateJobSpec
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.builders import build_task
@@ -55,6 +54,7 @@ from kronlink.registry import (
     upgrade,
 )
 from kronlink.settings import Settings
+from kronlink.submission import parse_lambdas
 from kronlink.training import TrainConfig, seed_everything, train
 from worker.job import JobContext, Outcome, run_job
 

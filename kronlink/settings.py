@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kronlink.errors import ConfigError
@@ -25,10 +25,12 @@ from kronlink.errors import ConfigError
 __all__ = ["Settings", "get_settings"]
 
 _HOUR = 3600
+_MIB = 1024 * 1024
+_MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is guessable
 
 
 class Settings(BaseSettings):
-    """Every knob of the worker and the submit command, with safe defaults."""
+    """Every knob of the worker, the submit command and the service, with safe defaults."""
 
     model_config = SettingsConfigDict(env_prefix="KRONLINK_", frozen=True, extra="ignore")
 
@@ -51,6 +53,37 @@ class Settings(BaseSettings):
     longest_job_s: float = Field(default=12 * _HOUR, gt=0)  # what the timeout must exceed
     progress_interval_s: float = Field(default=2.0, ge=0)  # job-row progress writes, at most
     retry_delay_s: float = Field(default=5.0, gt=0)  # a job behind another one waits this long
+    sweep_interval_s: float = Field(default=600.0, ge=0)  # each worker's periodic sweep; 0: off
+
+    # -- the service (kronlink serve; docs/service.md) ----------------------
+    host: str = "127.0.0.1"  # kronlink serve binds here; 0.0.0.0 in a container
+    port: int = Field(default=8000, ge=0, le=65535)
+    lineages: str = "main"  # comma-separated lineages served; the first is the default
+    # Bearer tokens. Admin: jobs and activation (required in production).
+    # Read: /v1/link and the read-only registry routes, when set (the admin
+    # token is accepted there too); None leaves them open.
+    admin_token: SecretStr | None = None
+    read_token: SecretStr | None = None
+    device: str = "cpu"  # where served models run: cpu, cuda, cuda:1
+    torch_threads: int | None = Field(default=None, ge=1)  # None: torch's default
+    # Dynamic batching: queries from concurrent requests share one model call
+    # of at most batch_max_size queries. The batcher waits up to
+    # batch_max_wait_ms for more only while requests keep coming (an idle
+    # queue runs a lone request at once, LESSONS.md).
+    batch_max_size: int = Field(default=64, ge=1)
+    batch_max_wait_ms: float = Field(default=2.0, ge=0)
+    batch_queue_max: int = Field(default=2048, ge=1)  # queries waiting; beyond: 429
+    model_poll_s: float = Field(default=1.0, gt=0)  # how often replicas look for a new version
+    model_retry_s: float = Field(default=30.0, gt=0)  # a version that failed to load, again after
+    # Limits on what a caller sends (each breach is a 4xx problem, never a 500)
+    max_request_bytes: int = Field(default=1 * _MIB, gt=0)  # JSON bodies
+    max_mention_chars: int = Field(default=500, ge=1)
+    max_context_chars: int = Field(default=2000, ge=0)  # each of left and right context
+    max_candidates: int = Field(default=200, ge=1)  # candidates given in one query
+    max_batch_items: int = Field(default=256, ge=1)  # queries in one /v1/link/batch
+    bm25_candidates: int = Field(default=10, ge=1)  # generated when none are given
+    ontologies_cached: int = Field(default=4, ge=1)  # BM25 indexes kept in memory
+    log_format: Literal["json", "text"] = "json"
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -73,7 +106,26 @@ class Settings(BaseSettings):
                 f"staging_dir {staging} lies inside artifact_root {art}: "
                 "training data must never sit among the artifacts"
             )
+        for name in ("admin_token", "read_token"):
+            token = getattr(self, name)
+            if token is not None and len(token.get_secret_value()) < _MIN_TOKEN_CHARS:
+                problems.append(
+                    f"{name} must have at least {_MIN_TOKEN_CHARS} characters, got "
+                    f"{len(token.get_secret_value())}: short tokens can be guessed"
+                )
+        if self.batch_queue_max < self.max_batch_items:
+            problems.append(
+                f"batch_queue_max must be at least max_batch_items ({self.max_batch_items}), "
+                f"got {self.batch_queue_max}: a full batch request could never be queued"
+            )
+        if not self.lineage_names:
+            problems.append("lineages must name at least one lineage, got none")
         if self.environment == "production":
+            if self.admin_token is None:
+                problems.append(
+                    "production needs KRONLINK_ADMIN_TOKEN: the admin routes "
+                    "(jobs, activation) are closed without it"
+                )
             if self.database.startswith("sqlite"):
                 problems.append("production needs KRONLINK_DATABASE_URL (PostgreSQL), not SQLite")
             if self.broker.startswith("sqla+"):
@@ -120,6 +172,11 @@ class Settings(BaseSettings):
         if url.startswith(("redis://", "rediss://", "sentinel://")):
             return {"visibility_timeout": self.visibility_timeout_s}
         return {}
+
+    @property
+    def lineage_names(self) -> tuple[str, ...]:
+        """The served lineages, in order; the first answers requests that name none."""
+        return tuple(dict.fromkeys(n.strip() for n in self.lineages.split(",") if n.strip()))
 
     @property
     def heartbeat_s(self) -> float:

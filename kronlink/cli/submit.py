@@ -9,128 +9,80 @@ job ends. Celery is imported here, at the edge, never by the library.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 
-def _dataset_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(path).as_posix().encode() + b"\0")
-            with p.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 def _lambdas(text: str):
-    if text == "auto":
-        return "auto"
-    values = [float(v) for v in text.split(",")]
-    return values[0] if len(values) == 1 else values
+    from kronlink.submission import parse_lambdas
+
+    value = parse_lambdas(text)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _json_object(option: str, text: str) -> dict:
+    from kronlink.errors import ConfigError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def stage_and_submit(args: argparse.Namespace) -> tuple[int, bool]:
     """Stage the dataset, create the job, enqueue it; returns ``(job id, created)``."""
-    from pydantic import ValidationError
-
-    from kronlink.contract import UPDATE_TASK, UpdateJobSpec, UpdateMessage
-    from kronlink.data.io import load_task
-    from kronlink.errors import ConfigError
-    from kronlink.registry import (
-        AuditAction,
-        create_engine_from_url,
-        create_job,
-        make_session_factory,
-        record_audit,
-    )
+    from kronlink.registry import create_engine_from_url, make_session_factory
     from kronlink.settings import get_settings
+    from kronlink.submission import submit_dataset
 
     settings = get_settings()
-    source = Path(args.dataset)
-    if not source.is_dir():
-        raise ConfigError(f"DATASET: expected a task folder (task.json, ...), got {source}")
-    load_task(source, max_bytes=settings.max_upload_bytes)  # refuse bad input before staging
-    train = json.loads(args.train) if args.train else {}
+    train = _json_object("--train", args.train) if args.train else {}
     for key in ("epochs", "batch_size", "lr", "seed"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
-    ranker = json.loads(args.ranker) if args.ranker else {"kind": "cnn"}
-    digest = _dataset_digest(source)
-    staged_id = uuid.uuid4().hex
-    try:
-        spec = UpdateJobSpec(
-            task_name=args.task,
-            staged_id=staged_id,
-            method=args.method,
-            lambdas=_lambdas(args.lam),
-            half_decades=args.half_decades,
-            quality_gate=args.quality_gate,
-            train=train,
-            ranker=ranker,
-        )
-    except ValidationError as exc:
-        raise ConfigError(f"job options: {exc}") from None
-    key = (
-        args.idempotency_key
-        or hashlib.sha256(
-            json.dumps(
-                [args.lineage, digest, spec.model_dump(exclude={"staged_id"})], sort_keys=True
-            ).encode()
-        ).hexdigest()
-    )
-
-    staged = settings.staging_path / staged_id
-    settings.staging_path.mkdir(parents=True, exist_ok=True)
-    tmp = settings.staging_path / f".{staged_id}.part"
-    shutil.copytree(source, tmp)
-    os.utime(tmp)  # copytree copies the source's times: the sweep ages from staging
-    os.replace(tmp, staged)
-
+    options = {
+        "task_name": args.task,
+        "method": args.method,
+        "lambdas": _lambdas(args.lam),
+        "half_decades": args.half_decades,
+        "quality_gate": args.quality_gate,
+        "train": train,
+        "ranker": _json_object("--ranker", args.ranker) if args.ranker else {"kind": "cnn"},
+        "ontology": args.ontology,
+    }
     engine = create_engine_from_url(settings.database)
     try:
-        factory = make_session_factory(engine)
-        with factory.begin() as s:
-            job, created = create_job(
-                s,
-                lineage=args.lineage,
-                payload=spec.model_dump(mode="json"),
-                idempotency_key=key,
-                actor="cli",
-            )
-            if created:
-                size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
-                record_audit(
-                    s,
-                    AuditAction.DATA_RECEIVED,
-                    f"job:{job.id}",
-                    actor="cli",
-                    details={"staged_id": staged_id, "bytes": size, "sha256": digest},
-                )
+        sub = submit_dataset(
+            Path(args.dataset),
+            options,
+            settings=settings,
+            factory=make_session_factory(engine),
+            enqueue=lambda message: send_update(settings, message),
+            lineage=args.lineage,
+            idempotency_key=args.idempotency_key,
+            actor="cli",
+        )
     finally:
         engine.dispose()
-    if not created:
-        shutil.rmtree(staged, ignore_errors=True)  # the first submission's copy serves
-    if created or not job.finished:
-        _enqueue(settings, UPDATE_TASK, UpdateMessage(job_id=job.id, lineage=args.lineage))
-    return job.id, created
+    return sub.job.id, sub.created
 
 
-def _enqueue(settings, name: str, message) -> None:
+def send_update(settings, message) -> None:
+    """Send one update message by task name (a one-shot producer: the CLI exits after)."""
     from celery import Celery
+
+    from kronlink.contract import UPDATE_TASK
 
     app = Celery("kronlink-submit", broker=settings.broker, set_as_current=False)
     app.conf.broker_transport_options = settings.transport_options(settings.broker)
     app.conf.broker_connection_retry_on_startup = True
     try:
-        app.send_task(name, kwargs=message.model_dump(), queue=settings.queue)
+        app.send_task(UPDATE_TASK, kwargs=message.model_dump(), queue=settings.queue)
     finally:
         app.close()
 
@@ -209,6 +161,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--train", help='TrainConfig fields as JSON, e.g. \'{"device": "cpu"}\'')
     p.add_argument("--ranker", help='version 1 only: ranker as JSON (default {"kind": "cnn"})')
+    p.add_argument("--ontology", help="ontology name to record (default: the task name)")
     p.add_argument("--idempotency-key", help="default: a hash of lineage, dataset and options")
     p.add_argument("--wait", action="store_true", help="poll the job and show progress")
     p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")

@@ -17,16 +17,7 @@ from pathlib import Path
 
 from kronlink.cli._common import progress_bar, subset
 from kronlink.errors import ConfigError
-
-
-def parse_lambdas(text: str) -> float | tuple[float, ...] | str:
-    if text.strip() == "auto":
-        return "auto"
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise ConfigError(f"--lambda: expected 'auto' or numbers, got {text!r}") from exc
-    return values[0] if len(values) == 1 else values
+from kronlink.submission import parse_lambdas
 
 
 def parse_grid(text: str) -> dict:

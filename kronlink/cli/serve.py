@@ -1,0 +1,142 @@
+"""``kronlink serve``: the HTTP service (uvicorn), and ``kronlink up``: service and worker.
+
+The service lives in the top-level ``service`` package, which the library
+never imports at module level: these commands import it (or start it as a
+child process) only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+
+def _ensure_admin_token() -> None:
+    """Development without KRONLINK_ADMIN_TOKEN: a token for this run, printed
+    once, so the admin routes are usable but never open. Production refuses
+    to start without one (Settings)."""
+    from kronlink.settings import get_settings
+
+    settings = get_settings()
+    if settings.admin_token is None and settings.environment == "development":
+        os.environ["KRONLINK_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
+        get_settings.cache_clear()
+        print(
+            "kronlink: no KRONLINK_ADMIN_TOKEN set; admin token for this run: "
+            f"{os.environ['KRONLINK_ADMIN_TOKEN']}",
+            file=sys.stderr,
+        )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kronlink.settings import get_settings
+
+    _ensure_admin_token()
+    settings = get_settings()
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format, args.log_level.upper())
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    where = settings.redacted()
+    print(
+        f"kronlink serve: http://{host}:{port} (lineages {settings.lineages}; "
+        f"database {where['database']}; artifacts {where['artifacts']})",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        "service.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=args.workers,
+        log_config=None,  # logging is configured above (JSON, with request ids)
+        access_log=False,  # the app logs each request itself, with its id
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()  # a job left running is recovered by its lease
+            p.wait()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from kronlink.registry import upgrade
+    from kronlink.settings import get_settings
+
+    _ensure_admin_token()
+    settings = get_settings()
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database)  # the embedded default starts from nothing
+    me = [sys.executable, "-m", "kronlink.cli"]
+    serve = [*me, "serve", "--log-level", args.log_level]
+    if args.host:
+        serve += ["--host", args.host]
+    if args.port is not None:
+        serve += ["--port", str(args.port)]
+    commands = {"worker": [*me, "worker", "--loglevel", args.log_level.upper()], "service": serve}
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # own sessions: a terminal's Ctrl-C reaches this process only, which
+        # then stops both children in order (never one left behind)
+        for name, argv in commands.items():
+            procs.append(subprocess.Popen(argv, start_new_session=True))
+            print(f"kronlink up: {name} started (pid {procs[-1].pid})", file=sys.stderr)
+        while not stopping:
+            for name, p in zip(commands, procs, strict=True):
+                if p.poll() is not None:
+                    print(f"kronlink up: {name} exited with {p.returncode}", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        print("kronlink up: stopping", file=sys.stderr)
+        _stop(procs)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    failed = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed else 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    for name, func, helptext in (
+        ("serve", run_serve, "start the HTTP service (uvicorn)"),
+        ("up", run_up, "start the service and a worker together (embedded default)"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=helptext,
+            description="Settings come from KRONLINK_* variables (docs/service.md).",
+        )
+        p.add_argument("--host", help="default: KRONLINK_HOST (127.0.0.1)")
+        p.add_argument("--port", type=int, help="default: KRONLINK_PORT (8000)")
+        p.add_argument("--log-level", default="info", help="default: %(default)s")
+        if name == "serve":
+            p.add_argument(
+                "--workers", type=int, default=1, help="server processes (default: %(default)s)"
+            )
+        p.set_defaults(func=func)

@@ -1,0 +1,270 @@
+"""Dynamic batching: queries of concurrent requests share one model call.
+
+Each request puts its queries on the lineage's queue and awaits a future. One
+loop per lineage takes what is queued (up to ``max_size`` queries), runs
+candidate generation, encoding and the forward pass in the model thread (one
+thread for all lineages: the event loop never computes), and resolves each
+request's future with its results and the version that produced them.
+
+Waiting: while a batch runs, new requests queue up and form the next batch
+on their own. Beyond that the loop waits up to ``max_wait_s`` for more
+queries only when the last batch held several requests (clients are
+concurrent); after a lone request it runs the next one at once, so an idle
+service adds no delay (LESSONS.md: a wait for a batch that never fills is
+the common batching mistake).
+
+The model reference is taken once per batch: a swap during a batch changes
+the next batch, not this one. A batch that raises is re-run request by
+request, so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from kronlink.data.schema import Candidate, Query
+from kronlink.registry import VersionInfo
+from service.holder import LoadedModel, ModelHolder
+from service.metrics import Metrics
+from service.ontologies import OntologyIndex
+from service.problems import ProblemError
+
+__all__ = ["LinkItem", "MicroBatcher", "rank_items"]
+
+log = logging.getLogger(__name__)
+
+Ranked = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class LinkItem:
+    """One query to rank: given candidates, or an index to generate them from."""
+
+    mention: str
+    left_context: str = ""
+    right_context: str = ""
+    candidates: tuple[Candidate, ...] | None = None
+    index: OntologyIndex | None = None
+    k: int = 10  # candidates to generate
+    top_k: int | None = None  # results to return; None: all
+
+
+@dataclass
+class _Work:
+    items: Sequence[LinkItem]
+    future: asyncio.Future[tuple[VersionInfo, list[Ranked]]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def rank_items(model: LoadedModel, items: Sequence[LinkItem], max_size: int) -> list[Ranked]:
+    """Generate missing candidates, score in chunks of ``max_size``, rank.
+
+    Runs in the model thread. Ties keep the candidates' input order.
+    """
+    cands: list[tuple[Candidate, ...] | None] = [it.candidates for it in items]
+    by_index: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        if it.candidates is None and it.index is not None:
+            by_index.setdefault(id(it.index), []).append(i)
+    for positions in by_index.values():
+        first = items[positions[0]]
+        assert first.index is not None
+        k = max(items[i].k for i in positions)
+        found = first.index.candidates([items[i].mention for i in positions], k)
+        for i, c in zip(positions, found, strict=True):
+            cands[i] = c[: items[i].k]
+    queries = [
+        Query(
+            mention=it.mention,
+            gold=None,
+            left_context=it.left_context,
+            right_context=it.right_context,
+            candidates=c,
+        )
+        for it, c in zip(items, cands, strict=True)
+    ]
+    scored: list[tuple[list[float], list[float]]] = []
+    for start in range(0, len(queries), max_size):
+        scored.extend(model.score(queries[start : start + max_size]))
+    out: list[Ranked] = []
+    for it, q, (scores, probs) in zip(items, queries, scored, strict=True):
+        order = sorted(range(len(scores)), key=lambda j: -scores[j])
+        if it.top_k is not None:
+            order = order[: it.top_k]
+        cs = q.candidates or ()
+        out.append(
+            [
+                {
+                    "id": cs[j].id,
+                    "name": cs[j].name,
+                    "score": scores[j],
+                    "probability": probs[j],
+                    "rank": r,
+                }
+                for r, j in enumerate(order, start=1)
+            ]
+        )
+    return out
+
+
+class MicroBatcher:
+    """The queue and batching loop of one lineage (see the module docstring)."""
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        max_size: int,
+        max_wait_s: float,
+        queue_max: int,
+    ) -> None:
+        self.holder = holder
+        self._executor = executor
+        self._metrics = metrics
+        self._max_size = max_size
+        self._max_wait_s = max_wait_s
+        self._queue_max = queue_max
+        self._works: deque[_Work] = deque()
+        self._arrived = asyncio.Event()
+        self._waiting = 0  # queries queued, not yet taken into a batch
+        self._concurrent = False  # the last batch held several requests
+        self._task: asyncio.Task[None] | None = None
+        self._label = holder.lineage
+
+    # -- the request side ----------------------------------------------------
+    async def submit(self, items: Sequence[LinkItem]) -> tuple[VersionInfo, list[Ranked]]:
+        if self._task is None or self._task.done():
+            raise ProblemError(503, "unavailable", "the service is shutting down")
+        if self.holder.current is None:
+            raise ProblemError(
+                503,
+                "no-model",
+                f"lineage {self.holder.lineage!r} has no model loaded yet: no version is "
+                "active (submit a job: POST /v1/jobs) or it is loading (GET /readyz)",
+                headers={"Retry-After": "5"},
+            )
+        if self._waiting + len(items) > self._queue_max:
+            self._metrics.rejected.labels(self._label).inc(len(items))
+            raise ProblemError(
+                429,
+                "too-many-requests",
+                f"{self._waiting} queries are waiting (limit {self._queue_max}); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        work = _Work(items, asyncio.get_running_loop().create_future())
+        self._works.append(work)
+        self._waiting += len(items)
+        self._metrics.queue_depth.labels(self._label).set(self._waiting)
+        self._arrived.set()
+        return await work.future
+
+    # -- the loop ------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"batcher-{self._label}"
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._works:
+            w = self._works.popleft()
+            if not w.future.done():
+                w.future.set_exception(
+                    ProblemError(503, "unavailable", "the service is shutting down")
+                )
+
+    async def _wait_for_work(self, timeout: float | None) -> bool:
+        while not self._works:
+            self._arrived.clear()
+            if timeout is None:
+                await self._arrived.wait()
+                continue
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except TimeoutError:
+                return bool(self._works)
+        return True
+
+    def _take(self, batch: list[_Work], n: int) -> int:
+        """Move queued works into ``batch`` while they fit; returns the query count."""
+        while self._works:
+            nxt = self._works[0]
+            if n and n + len(nxt.items) > self._max_size:
+                break  # the next batch starts with it
+            self._works.popleft()
+            self._waiting -= len(nxt.items)
+            if nxt.future.done():  # its client went away
+                continue
+            batch.append(nxt)
+            n += len(nxt.items)
+        return n
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_work(None)
+            batch: list[_Work] = []
+            n = self._take(batch, 0)
+            if self._concurrent and self._max_wait_s > 0:
+                deadline = loop.time() + self._max_wait_s
+                while n < self._max_size and not self._works:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or not await self._wait_for_work(remaining):
+                        break
+                    n = self._take(batch, n)
+            self._metrics.queue_depth.labels(self._label).set(self._waiting)
+            if not batch:
+                continue
+            self._concurrent = len(batch) > 1
+            await self._run(loop, batch, n)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Work], n: int) -> None:
+        model = self.holder.current  # taken once: a swap affects the next batch
+        if model is None:
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(
+                        ProblemError(503, "no-model", "no model is loaded for this lineage")
+                    )
+            return
+        items = [it for w in batch for it in w.items]
+        t0 = time.perf_counter()
+        try:
+            ranked = await loop.run_in_executor(
+                self._executor, rank_items, model, items, self._max_size
+            )
+        except Exception:
+            if len(batch) == 1:
+                log.exception("model call failed for one request of %d queries", n)
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(
+                        ProblemError(
+                            500, "internal-error", "the model failed on this request; logged"
+                        )
+                    )
+                return
+            log.warning("batch of %d requests failed; re-running them one by one", len(batch))
+            for w in batch:
+                await self._run(loop, [w], len(w.items))
+            return
+        self._metrics.batch_size.labels(self._label).observe(n)
+        self._metrics.batch_seconds.labels(self._label).observe(time.perf_counter() - t0)
+        start = 0
+        for w in batch:
+            part = ranked[start : start + len(w.items)]
+            start += len(w.items)
+            if not w.future.done():
+                w.future.set_result((model.version, part))

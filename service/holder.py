@@ -1,0 +1,215 @@
+"""The served model of one lineage, and how it is swapped without failing a request.
+
+A :class:`ModelHolder` keeps one reference, ``current``: a loaded, warmed
+:class:`LoadedModel` and the version it is. When the registry's active
+version changes (the watcher polls it, and a notification or an activation
+through this replica nudges it), the holder fetches the new version's folder
+from the artifact store (checksum verified, as the worker does), loads it
+beside the old one, warms it with a forward pass, and then replaces the
+reference in one assignment on the event loop. A batch takes the reference
+once when it starts, so requests already running finish on the old model;
+it is freed when the last of them ends.
+
+A version that fails to load (checksum mismatch, corrupt file) is reported
+(log, ``kronlink_model_load_failures_total``, ``/readyz`` detail) and the
+old model keeps serving; the same version is tried again after
+``model_retry_s`` (a transient read error can heal; a corrupt artifact
+stays corrupt and keeps being reported).
+
+The previously served model stays loaded too, so a rollback to it swaps at
+once; any older one is dropped (memory stays bounded at two models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from kronlink.data.schema import Candidate, Query
+from kronlink.models import Ranker, load_ranker, masked_log_softmax
+from kronlink.registry import ArtifactStore, VersionInfo, active_version
+from service.metrics import Metrics
+
+__all__ = ["LoadFailure", "LoadedModel", "ModelHolder", "load_version"]
+
+log = logging.getLogger(__name__)
+
+_WARM_QUERIES = (
+    Query(
+        mention="chest pain",
+        gold=None,
+        left_context="patient reports",
+        right_context="since monday",
+        candidates=(Candidate("a", "angina pectoris"), Candidate("b", "pain in chest")),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ranker ready to answer, and the version it is."""
+
+    version: VersionInfo
+    ranker: Ranker
+
+    def score(self, queries: Sequence[Query]) -> list[tuple[list[float], list[float]]]:
+        """Per query, (scores, probabilities) of its candidates in input order.
+
+        Called from the model thread only; one forward pass for all queries.
+        """
+        with torch.inference_mode():
+            batch = self.ranker.encode(queries).to(self.ranker.device)
+            scores = self.ranker(batch).float()
+            probs = masked_log_softmax(scores, batch.candidate_mask).exp()
+            s_rows, p_rows = scores.cpu().tolist(), probs.cpu().tolist()
+        out = []
+        for q, s, p in zip(queries, s_rows, p_rows, strict=True):
+            n = len(q.candidates or ())
+            out.append((s[:n], p[:n]))
+        return out
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    version_id: int
+    number: int
+    error: str
+    at: datetime
+    monotonic: float
+
+
+def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> LoadedModel:
+    """Fetch a version's model folder (checksum verified), load it and warm it up."""
+    art = version.artifact
+    scratch = Path(tempfile.mkdtemp(prefix="kronlink-serve-"))
+    try:
+        # a local store verifies in place and ignores dest; a remote one downloads there
+        path = store.get(store.key_of(art.uri), art.sha256, scratch / "model")
+        ranker = load_ranker(path, map_location=device)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the weights are in memory now
+    ranker.eval()
+    model = LoadedModel(version=version, ranker=ranker)
+    model.score(_WARM_QUERIES)  # first-call costs (allocator, lazy init) are paid here
+    return model
+
+
+class ModelHolder:
+    """The model one lineage is served with; see the module docstring."""
+
+    def __init__(
+        self,
+        lineage: str,
+        *,
+        factory: sessionmaker[Session],
+        store: ArtifactStore,
+        device: str,
+        metrics: Metrics,
+        retry_s: float,
+    ) -> None:
+        self.lineage = lineage
+        self._factory = factory
+        self._store = store
+        self._device = device
+        self._metrics = metrics
+        self._retry_s = retry_s
+        self.current: LoadedModel | None = None
+        self._previous: LoadedModel | None = None
+        self.failure: LoadFailure | None = None
+        self.active_id: int | None = None  # what the registry said last
+        self.checked_at: datetime | None = None
+        self._lock = asyncio.Lock()
+        metrics.active_version.labels(lineage).set(0)
+        metrics.active_version_id.labels(lineage).set(0)
+
+    def _active(self) -> VersionInfo | None:
+        with self._factory.begin() as s:
+            return active_version(s, self.lineage)
+
+    async def refresh(self) -> None:
+        """Look up the active version; load and swap to it when it changed.
+
+        Raises what the database raises (the watcher logs it); a load failure
+        is recorded, not raised.
+        """
+        async with self._lock:
+            active = await asyncio.to_thread(self._active)
+            self.checked_at = datetime.now(UTC)
+            self.active_id = active.id if active is not None else None
+            current = self.current
+            if active is None or (current is not None and current.version.id == active.id):
+                if self.failure is not None and (
+                    active is None or self.failure.version_id != active.id
+                ):
+                    self.failure = None  # that version is no longer wanted (rolled back)
+                return
+            f = self.failure
+            if (
+                f is not None
+                and f.version_id == active.id
+                and time.monotonic() - f.monotonic < self._retry_s
+            ):
+                return  # reported already; retried after model_retry_s
+            prev = self._previous
+            if prev is not None and prev.version.id == active.id:
+                self._swap(prev, "kept in memory")
+                return
+            t0 = time.perf_counter()
+            try:
+                loaded = await asyncio.to_thread(load_version, self._store, active, self._device)
+            except Exception as exc:
+                self._failed(active, exc)
+                return
+            self._metrics.load_seconds.labels(self.lineage).observe(time.perf_counter() - t0)
+            self._swap(loaded, f"loaded in {time.perf_counter() - t0:.2f} s")
+
+    def _swap(self, new: LoadedModel, how: str) -> None:
+        old = self.current
+        self.current = new  # the swap: one reference, replaced on the event loop
+        self._previous = old
+        self.failure = None
+        v = new.version
+        self._metrics.swaps.labels(self.lineage).inc()
+        self._metrics.active_version.labels(self.lineage).set(v.number)
+        self._metrics.active_version_id.labels(self.lineage).set(v.id)
+        log.info(
+            "lineage %s now serves version %s (id %s, %s)%s",
+            self.lineage,
+            v.number,
+            v.id,
+            how,
+            f"; was version {old.version.number}" if old else "",
+            extra={"lineage": self.lineage, "version_id": v.id, "version": v.number},
+        )
+        if old is not None and old.ranker.device.type == "cuda":
+            torch.cuda.empty_cache()  # the one before ``old`` is unreferenced now
+
+    def _failed(self, version: VersionInfo, exc: Exception) -> None:
+        self.failure = LoadFailure(
+            version_id=version.id,
+            number=version.number,
+            error=f"{type(exc).__name__}: {exc}",
+            at=datetime.now(UTC),
+            monotonic=time.monotonic(),
+        )
+        self._metrics.load_failures.labels(self.lineage).inc()
+        served = self.current.version.number if self.current else None
+        log.error(
+            "lineage %s: version %s (id %s) failed to load; still serving %s: %s",
+            self.lineage,
+            version.number,
+            version.id,
+            f"version {served}" if served else "nothing",
+            self.failure.error,
+            extra={"lineage": self.lineage, "version_id": version.id},
+        )

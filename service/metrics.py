@@ -1,0 +1,99 @@
+"""Prometheus metrics of one app, in a registry of its own (several apps in
+one process, as in the tests, do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "kronlink_http_requests_total",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "kronlink_http_request_duration_seconds",
+            "Time from request start to the response's last byte",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "kronlink_link_batch_size",
+            "Queries per model call (dynamic batching)",
+            ["lineage"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "kronlink_link_batch_seconds",
+            "Wall time of one model call (candidates, encode, forward)",
+            ["lineage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "kronlink_link_queue_queries",
+            "Queries waiting for a model call",
+            ["lineage"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "kronlink_link_rejected_total",
+            "Queries refused because the queue was full (429)",
+            ["lineage"],
+            registry=r,
+        )
+        self.active_version = Gauge(
+            "kronlink_model_version",
+            "Number of the version this replica serves (0: none loaded)",
+            ["lineage"],
+            registry=r,
+        )
+        self.active_version_id = Gauge(
+            "kronlink_model_version_id",
+            "Registry id of the version this replica serves (0: none loaded)",
+            ["lineage"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "kronlink_model_swaps_total", "Model swaps completed", ["lineage"], registry=r
+        )
+        self.load_failures = Counter(
+            "kronlink_model_load_failures_total",
+            "Versions that failed to load (the previous model kept serving)",
+            ["lineage"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "kronlink_model_load_seconds",
+            "Fetch (checksum verified), load and warm-up of a version",
+            ["lineage"],
+            registry=r,
+        )
+        self.jobs = Gauge(
+            "kronlink_jobs", "Jobs in the registry by state (at scrape time)", ["state"], registry=r
+        )

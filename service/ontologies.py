@@ -1,0 +1,106 @@
+"""BM25 candidate generation from registered ontologies, for requests without candidates.
+
+An ontology's concepts file is an artifact (stored by the job that first
+registered it); its index is built on first use, off the event loop, and
+kept for the next requests (the ``ontologies_cached`` most recently used).
+Ontologies are immutable once registered, so a cached index never goes stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from kronlink.data.candidates import CandidateIndex
+from kronlink.data.io import ONTOLOGY_FILE, read_ontology
+from kronlink.data.schema import Candidate, Concept
+from kronlink.registry import ArtifactStore, NotFoundError, OntologyInfo, get_ontology
+from kronlink.registry.models import Ontology
+from service.problems import FieldError, ProblemError
+
+__all__ = ["OntologyIndex", "OntologyIndexes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OntologyIndex:
+    info: OntologyInfo
+    index: CandidateIndex
+    concepts: dict[str, Concept]
+
+    def candidates(self, mentions: Sequence[str], k: int) -> list[tuple[Candidate, ...]]:
+        """The top ``k`` concepts per mention, best first (model thread only)."""
+        return [
+            tuple(Candidate(cid, self.concepts[cid].name) for cid, _ in hits)
+            for hits in self.index.search(list(mentions), k)
+        ]
+
+
+class OntologyIndexes:
+    def __init__(
+        self, factory: sessionmaker[Session], store: ArtifactStore, *, capacity: int
+    ) -> None:
+        self._factory = factory
+        self._store = store
+        self._capacity = capacity
+        self._cache: OrderedDict[str, OntologyIndex] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, name: str, loc: str = "body.ontology") -> OntologyIndex:
+        hit = self._cache.get(name)
+        if hit is not None:
+            self._cache.move_to_end(name)
+            return hit
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:  # one build per ontology, however many requests wait
+            hit = self._cache.get(name)
+            if hit is None:
+                hit = await asyncio.to_thread(self._build, name, loc)
+                self._cache[name] = hit
+                while len(self._cache) > self._capacity:
+                    self._cache.popitem(last=False)
+            self._locks.pop(name, None)
+        return hit
+
+    def _build(self, name: str, loc: str) -> OntologyIndex:
+        with self._factory.begin() as s:
+            try:
+                info = get_ontology(s, name)
+            except NotFoundError:
+                names = s.scalars(select(Ontology.name).order_by(Ontology.id)).all()
+                raise ProblemError(
+                    422,
+                    "validation-error",
+                    f"ontology {name!r} is not registered; registered: "
+                    f"{', '.join(names) or 'none'} (GET /v1/ontologies)",
+                    errors=[FieldError(loc=loc, message="unknown ontology")],
+                ) from None
+        if info.artifact is None:
+            raise ProblemError(
+                422,
+                "validation-error",
+                f"ontology {name!r} has no stored concepts file (registered before "
+                "they were kept), so candidates cannot be generated: send candidates",
+                errors=[FieldError(loc=loc, message="no concepts stored")],
+            )
+        scratch = Path(tempfile.mkdtemp(prefix="kronlink-onto-"))
+        try:
+            art = info.artifact
+            path = self._store.get(self._store.key_of(art.uri), art.sha256, scratch / "o")
+            if path.is_dir():
+                path = path / ONTOLOGY_FILE
+            concepts = read_ontology(path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("ontology %s: BM25 index over %d concepts", name, len(concepts))
+        return OntologyIndex(info, CandidateIndex(concepts), {c.id: c for c in concepts})

@@ -1,0 +1,321 @@
+"""Request and response bodies (they are the OpenAPI document's schemas).
+
+Link request limits come from settings (``max_mention_chars`` ...), so the
+request models are built per app by :func:`link_request_models`: the
+document then states the limits the server enforces. Everything else is
+fixed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from kronlink.registry import JobInfo, OntologyInfo, TaskInfo, VersionInfo
+from kronlink.settings import Settings
+
+__all__ = [
+    "ActivateRequest",
+    "JobOut",
+    "LinkBatchResponse",
+    "LinkRequestModels",
+    "LinkResponse",
+    "OntologyOut",
+    "RankedConcept",
+    "TaskOut",
+    "VersionOut",
+    "VersionRef",
+    "link_request_models",
+    "valid_text",
+]
+
+MAX_ID_CHARS = 200
+MAX_NAME_CHARS = 1000
+MAX_LABEL_CHARS = 100  # lineage, ontology, task names
+MAX_TOP_K = 1000
+MAX_DB_ID = 2**31 - 1  # ids are 32-bit integers in the registry
+
+
+def valid_text(value: str) -> str:
+    """Refuse unpaired surrogates: no tokenizer or UTF-8 encoder accepts them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "contains an unpaired surrogate code point (\\ud800-\\udfff); send valid Unicode"
+        ) from None
+    return value
+
+
+def _nonblank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected at least one non-space character")
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_text)]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS), AfterValidator(valid_text)]
+
+
+# -- /v1/link ------------------------------------------------------------------
+class VersionRef(BaseModel):
+    """The model version that produced an answer."""
+
+    id: int = Field(description="registry id (GET /v1/versions/{id})")
+    lineage: str
+    number: int = Field(description="1, 2, ... within the lineage")
+
+    @classmethod
+    def of(cls, v: VersionInfo) -> VersionRef:
+        return cls(id=v.id, lineage=v.lineage, number=v.number)
+
+
+class RankedConcept(BaseModel):
+    id: str
+    name: str
+    score: float = Field(description="the ranker's raw score")
+    probability: float = Field(description="softmax of the scores over this query's candidates")
+    rank: int = Field(ge=1, description="1 is the best")
+
+
+class LinkResponse(BaseModel):
+    model_version: VersionRef
+    results: list[RankedConcept] = Field(description="best first")
+
+
+class LinkBatchResult(BaseModel):
+    results: list[RankedConcept]
+
+
+class LinkBatchResponse(BaseModel):
+    model_version: VersionRef = Field(description="one version answers the whole batch")
+    items: list[LinkBatchResult] = Field(description="in the order of the request's items")
+
+
+@dataclass(frozen=True)
+class LinkRequestModels:
+    Candidate: type[BaseModel]
+    LinkItem: type[BaseModel]
+    LinkRequest: type[BaseModel]
+    LinkBatchRequest: type[BaseModel]
+
+
+def link_request_models(settings: Settings) -> LinkRequestModels:
+    """The link request bodies with this app's limits."""
+    ctx = Annotated[str, Field(max_length=settings.max_context_chars), AfterValidator(valid_text)]
+
+    class Candidate(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(valid_text)]
+        name: Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(valid_text)]
+
+    class LinkItem(BaseModel):
+        """One mention to link: give its candidates, or an ontology to find them in."""
+
+        model_config = ConfigDict(extra="forbid")
+        mention: Annotated[
+            str,
+            Field(min_length=1, max_length=settings.max_mention_chars),
+            AfterValidator(valid_text),
+            AfterValidator(_nonblank),
+        ]
+        left_context: ctx = ""
+        right_context: ctx = ""
+        candidates: (
+            Annotated[
+                list[Candidate],
+                Field(min_length=1, max_length=settings.max_candidates),
+            ]
+            | None
+        ) = Field(default=None, description="concepts to rank; omit to generate them by BM25")
+        ontology: Label | None = Field(
+            default=None,
+            description=f"registered ontology to generate {settings.bm25_candidates} "
+            "candidates from (BM25 over names and synonyms), when candidates are omitted",
+        )
+        top_k: int | None = Field(
+            default=None, ge=1, le=MAX_TOP_K, description="return the best k; default all"
+        )
+
+        @model_validator(mode="after")
+        def _source(self) -> LinkItem:
+            if self.candidates is None and self.ontology is None:
+                raise ValueError(
+                    "give candidates, or an ontology to generate them from (GET /v1/ontologies)"
+                )
+            if self.candidates is not None and self.ontology is not None:
+                raise ValueError("give candidates or an ontology, not both")
+            if self.candidates is not None:
+                seen: set[str] = set()
+                for i, c in enumerate(self.candidates):
+                    if c.id in seen:
+                        raise ValueError(f"candidates[{i}].id {c.id!r} repeats an earlier id")
+                    seen.add(c.id)
+            return self
+
+    class LinkRequest(LinkItem):
+        lineage: Label | None = Field(
+            default=None,
+            description=f"served lineage; default {settings.lineage_names[0]!r}",
+        )
+
+    class LinkBatchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        items: Annotated[list[LinkItem], Field(min_length=1, max_length=settings.max_batch_items)]
+        lineage: Label | None = Field(
+            default=None,
+            description=f"served lineage; default {settings.lineage_names[0]!r}",
+        )
+
+    return LinkRequestModels(Candidate, LinkItem, LinkRequest, LinkBatchRequest)
+
+
+# -- registry ------------------------------------------------------------------
+class VersionOut(BaseModel):
+    id: int
+    lineage: str
+    number: int
+    state: Literal["candidate", "active", "retired", "failed"]
+    parent_id: int | None
+    task_id: int | None = Field(description="the task this version learned")
+    method: str
+    lambdas: dict[str, Any] = Field(description="λ per prior task")
+    metrics: dict[str, Any] = Field(description="test/dev metrics, predicted forgetting, ...")
+    artifact_sha256: str
+    artifact_bytes: int
+    job_id: int | None
+    created_at: datetime
+    activated_at: datetime | None
+    served_here: bool = Field(description="this replica is answering /v1/link with it now")
+
+    @classmethod
+    def of(cls, v: VersionInfo, served_ids: set[int]) -> VersionOut:
+        return cls(
+            id=v.id,
+            lineage=v.lineage,
+            number=v.number,
+            state=v.state.value,
+            parent_id=v.parent_id,
+            task_id=v.task_id,
+            method=v.method,
+            lambdas=v.lambdas,
+            metrics=v.metrics,
+            artifact_sha256=v.artifact.sha256,
+            artifact_bytes=v.artifact.bytes,
+            job_id=v.job_id,
+            created_at=v.created_at,
+            activated_at=v.activated_at,
+            served_here=v.id in served_ids,
+        )
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: Annotated[str, Field(max_length=500), AfterValidator(valid_text)] | None = Field(
+        default=None, description="recorded in the audit log"
+    )
+
+
+class TaskOut(BaseModel):
+    id: int
+    name: str
+    ontology_id: int
+    ontology: str | None
+    sizes: dict[str, Any] = Field(description="concepts and queries per split (counts only)")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, t: TaskInfo, ontology_names: dict[int, str]) -> TaskOut:
+        return cls(
+            id=t.id,
+            name=t.name,
+            ontology_id=t.ontology_id,
+            ontology=ontology_names.get(t.ontology_id),
+            sizes=t.sizes,
+            created_at=t.created_at,
+        )
+
+
+class OntologyOut(BaseModel):
+    id: int
+    name: str
+    source: str | None
+    concept_count: int | None
+    candidates_available: bool = Field(
+        description="its concepts are stored: /v1/link can generate candidates from it"
+    )
+    created_at: datetime
+
+    @classmethod
+    def of(cls, o: OntologyInfo) -> OntologyOut:
+        return cls(
+            id=o.id,
+            name=o.name,
+            source=o.source,
+            concept_count=o.concept_count,
+            candidates_available=o.artifact is not None,
+            created_at=o.created_at,
+        )
+
+
+class JobOut(BaseModel):
+    id: int
+    lineage: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    phase: str | None = Field(description="validate, load, select_lambda, train, curvature, ...")
+    progress: dict[str, Any] = Field(description="epoch, step, loss, dev accuracy, message")
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    options: dict[str, Any] = Field(description="task name, method, λ, training settings")
+    timings: dict[str, Any] = Field(description="seconds per phase")
+    version_id: int | None = Field(description="the version the job produced, if any")
+    metrics: dict[str, Any] | None = Field(
+        description="that version's metrics (test, dev, predicted forgetting, λ selection)"
+    )
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, j: JobInfo, version: tuple[int, dict[str, Any]] | None = None) -> JobOut:
+        return cls(
+            id=j.id,
+            lineage=j.lineage,
+            kind=j.kind,
+            state=j.state.value,
+            phase=j.phase,
+            progress=j.progress,
+            error=j.error,
+            attempts=j.attempts,
+            cancel_requested=j.cancel_requested,
+            options={k: v for k, v in j.payload.items() if k != "staged_id"},
+            timings=j.timings,
+            version_id=version[0] if version else None,
+            metrics=version[1] if version else None,
+            created_at=j.created_at,
+            started_at=j.started_at,
+            finished_at=j.finished_at,
+        )
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyCheck(BaseModel):
+    ok: bool
+    detail: str | None = None
+    version: VersionRef | None = None
+    load_error: str | None = Field(
+        default=None, description="the newest version that failed to load (old one serving)"
+    )
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    checks: dict[str, ReadyCheck]

@@ -1,0 +1,373 @@
+"""/v1/link and /v1/link/batch over real HTTP: answers, every validation error, auth, limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import make_registry, service_settings
+from service_factories import ADMIN, READ, live_server, register_version, wait_until
+
+from kronlink.registry import create_ontology, lineage_transaction
+from service import create_app
+
+CANDS = [
+    {"id": "D001", "name": "type 2 diabetes mellitus"},
+    {"id": "F001", "name": "fever"},
+    {"id": "A001", "name": "asthma"},
+]
+
+
+@pytest.fixture
+def ready(registry, server):
+    """A served version 1 and a client of the live server."""
+    v = register_version(registry.factory, registry.store, seed=1)
+    with server.client() as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200)
+        yield c, v
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One server for the read-only cases of this module (a server per case costs 0.3 s)."""
+    reg = make_registry(service_settings(tmp_path_factory.mktemp("link")))
+    v = register_version(reg.factory, reg.store, seed=1)
+    with live_server(create_app(reg.settings, enqueue=reg.sent.append)) as live, live.client() as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200)
+        yield c, v
+    reg.factory.kw["bind"].dispose()
+
+
+def _problem(r, status: int, kind: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["type"] == f"urn:kronlink:problem:{kind}" and body["status"] == status
+    assert body["detail"] and body["request_id"] == r.headers["x-request-id"]
+    return body
+
+
+def test_link_ranks_given_candidates_and_names_the_version(ready) -> None:
+    c, v = ready
+    r = c.post("/v1/link", json={"mention": "t2dm", "left_context": "hx of", "candidates": CANDS})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["model_version"] == {"id": v.id, "lineage": "main", "number": 1}
+    res = body["results"]
+    assert sorted(x["id"] for x in res) == sorted(x["id"] for x in CANDS)
+    assert [x["rank"] for x in res] == [1, 2, 3]
+    assert [x["score"] for x in res] == sorted((x["score"] for x in res), reverse=True)
+    assert abs(sum(x["probability"] for x in res) - 1) < 1e-5
+    assert {x["id"]: x["name"] for x in res} == {x["id"]: x["name"] for x in CANDS}
+    top = c.post("/v1/link", json={"mention": "t2dm", "candidates": CANDS, "top_k": 1}).json()
+    assert [(x["id"], x["rank"]) for x in top["results"]] == [(res[0]["id"], 1)]
+
+
+def test_link_generates_candidates_from_a_registered_ontology(shared) -> None:
+    c, _ = shared
+    r = c.post("/v1/link", json={"mention": "juvenile diabetes", "ontology": "toy"})
+    assert r.status_code == 200, r.text
+    ids = [x["id"] for x in r.json()["results"]]
+    assert "D002" in ids and len(ids) == 6  # bm25_candidates (10) capped by the 6 concepts
+    r = c.post("/v1/link", json={"mention": "high blood pressure", "ontology": "toy", "top_k": 2})
+    assert len(r.json()["results"]) == 2
+
+
+def test_batch_answers_every_item_with_one_version(shared) -> None:
+    c, v = shared
+    items = [
+        {"mention": "fever", "candidates": CANDS[:2]},
+        {"mention": "pyrexia", "ontology": "toy", "top_k": 3},
+        {"mention": "asthma", "candidates": CANDS},
+    ]
+    r = c.post("/v1/link/batch", json={"items": items})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"]["id"] == v.id
+    assert [len(i["results"]) for i in body["items"]] == [2, 3, 3]
+    single = c.post("/v1/link", json=items[2]).json()["results"]
+    assert [x["id"] for x in body["items"][2]["results"]] == [x["id"] for x in single]
+
+
+def test_concurrent_requests_share_model_calls(ready, server) -> None:
+    c, _ = ready
+    body = {"mention": "fever", "candidates": CANDS}
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: c.post("/v1/link", json=body).status_code, range(64)))
+    assert codes == [200] * 64
+    metrics = c.get("/metrics").text
+    count = _metric(metrics, 'kronlink_link_batch_size_count{lineage="main"}')
+    total = _metric(metrics, 'kronlink_link_batch_size_sum{lineage="main"}')
+    assert total >= 64 and count < total  # some model calls held several queries
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+LONG = "x" * 501
+# (case, body, status, problem kind, loc of the first field error or None)
+INVALID = [
+    ("no mention", {"candidates": CANDS}, 422, "validation-error", "body.mention"),
+    (
+        "empty mention",
+        {"mention": "", "candidates": CANDS},
+        422,
+        "validation-error",
+        "body.mention",
+    ),
+    (
+        "blank mention",
+        {"mention": "   ", "candidates": CANDS},
+        422,
+        "validation-error",
+        "body.mention",
+    ),
+    (
+        "mention too long",
+        {"mention": LONG, "candidates": CANDS},
+        422,
+        "validation-error",
+        "body.mention",
+    ),
+    (
+        "mention not a string",
+        {"mention": 3, "candidates": CANDS},
+        422,
+        "validation-error",
+        "body.mention",
+    ),
+    (
+        "context too long",
+        {"mention": "a", "left_context": "y" * 2001, "candidates": CANDS},
+        422,
+        "validation-error",
+        "body.left_context",
+    ),
+    (
+        "lone surrogate",
+        {"mention": "a\ud800b", "candidates": CANDS},
+        422,
+        "validation-error",
+        "body.mention",
+    ),
+    ("no candidates nor ontology", {"mention": "a"}, 422, "validation-error", "body"),
+    (
+        "both sources",
+        {"mention": "a", "candidates": CANDS, "ontology": "toy"},
+        422,
+        "validation-error",
+        "body",
+    ),
+    (
+        "empty candidates",
+        {"mention": "a", "candidates": []},
+        422,
+        "validation-error",
+        "body.candidates",
+    ),
+    (
+        "too many candidates",
+        {"mention": "a", "candidates": [{"id": str(i), "name": "n"} for i in range(201)]},
+        422,
+        "validation-error",
+        "body.candidates",
+    ),
+    (
+        "duplicate candidate",
+        {"mention": "a", "candidates": [CANDS[0], CANDS[0]]},
+        422,
+        "validation-error",
+        "body",
+    ),
+    (
+        "candidate without id",
+        {"mention": "a", "candidates": [{"name": "n"}]},
+        422,
+        "validation-error",
+        "body.candidates[0].id",
+    ),
+    (
+        "candidate empty id",
+        {"mention": "a", "candidates": [{"id": "", "name": "n"}]},
+        422,
+        "validation-error",
+        "body.candidates[0].id",
+    ),
+    (
+        "candidate extra field",
+        {"mention": "a", "candidates": [{"id": "a", "name": "n", "x": 1}]},
+        422,
+        "validation-error",
+        "body.candidates[0].x",
+    ),
+    (
+        "unknown field",
+        {"mention": "a", "candidates": CANDS, "k": 3},
+        422,
+        "validation-error",
+        "body.k",
+    ),
+    (
+        "top_k zero",
+        {"mention": "a", "candidates": CANDS, "top_k": 0},
+        422,
+        "validation-error",
+        "body.top_k",
+    ),
+    (
+        "unknown ontology",
+        {"mention": "a", "ontology": "nope"},
+        422,
+        "validation-error",
+        "body.ontology",
+    ),
+    (
+        "lineage not served",
+        {"mention": "a", "candidates": CANDS, "lineage": "other"},
+        422,
+        "validation-error",
+        "body.lineage",
+    ),
+    ("not an object", [1, 2], 422, "validation-error", "body"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "loc"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_link_refuses_bad_input_with_a_problem(shared, body, status, kind, loc) -> None:
+    c, _ = shared
+    # json.dumps escapes non-ASCII, so a lone surrogate travels as \ud800
+    sent = c.post(
+        "/v1/link", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
+    p = _problem(sent, status, kind)
+    assert p["errors"][0]["loc"] == loc, p
+    assert p["instance"] == "/v1/link"
+
+
+def test_batch_limits_and_item_locations(shared) -> None:
+    c, _ = shared
+    p = _problem(c.post("/v1/link/batch", json={"items": []}), 422, "validation-error")
+    assert p["errors"][0]["loc"] == "body.items"
+    many = {"items": [{"mention": "a", "candidates": CANDS}] * 257}
+    _problem(c.post("/v1/link/batch", json=many), 422, "validation-error")
+    bad = {"items": [{"mention": "a", "candidates": CANDS}, {"mention": "a", "ontology": "nope"}]}
+    p = _problem(c.post("/v1/link/batch", json=bad), 422, "validation-error")
+    assert p["errors"][0]["loc"] == "body.items[1].ontology"
+    p = _problem(
+        c.post("/v1/link/batch", json={"items": [{"mention": ""}]}), 422, "validation-error"
+    )
+    assert p["errors"][0]["loc"].startswith("body.items[0]")
+
+
+def test_malformed_json_wrong_type_and_oversized_bodies(shared) -> None:
+    c, _ = shared
+    headers = {"content-type": "application/json"}
+    _problem(c.post("/v1/link", content=b'{"mention": ', headers=headers), 400, "malformed-json")
+    p = _problem(c.post("/v1/link", content=b"mention=a"), 422, "validation-error")
+    assert "Content-Type: application/json" in p["detail"]
+    big = json.dumps({"mention": "a", "left_context": "z" * (1024 * 1024), "candidates": CANDS})
+    p = _problem(c.post("/v1/link", content=big, headers=headers), 413, "payload-too-large")
+    assert "KRONLINK_MAX_REQUEST_BYTES" in p["detail"]
+
+    def chunks():  # no Content-Length: the limit holds all the same
+        yield b'{"mention": "a", "left_context": "'
+        for _ in range(20):
+            yield b"z" * 65536
+        yield b'"}'
+
+    _problem(c.post("/v1/link", content=chunks(), headers=headers), 413, "payload-too-large")
+    ok = c.post(
+        "/v1/link",
+        content=iter([json.dumps({"mention": "a", "candidates": CANDS}).encode()]),
+        headers=headers,
+    )
+    assert ok.status_code == 200, ok.text
+    _problem(c.get("/v1/link"), 405, "method-not-allowed")
+    _problem(c.get("/v2/nothing"), 404, "not-found")
+
+
+def test_request_id_is_echoed_or_made(shared) -> None:
+    c, _ = shared
+    body = {"mention": "a", "candidates": CANDS}
+    r = c.post("/v1/link", json=body, headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = c.post("/v1/link", json=body, headers={"X-Request-ID": "bad id\twith spaces"})
+    assert (
+        r.headers["x-request-id"] != "bad id\twith spaces" and len(r.headers["x-request-id"]) == 32
+    )
+
+
+def test_no_active_version_is_503_not_500(registry, server) -> None:
+    with server.client() as c:
+        p = _problem(
+            c.post("/v1/link", json={"mention": "a", "candidates": CANDS}), 503, "no-model"
+        )
+        assert "POST /v1/jobs" in p["detail"] and c.get("/readyz").status_code == 503
+
+
+def test_ontology_without_stored_concepts(ready, registry) -> None:
+    c, _ = ready
+    with lineage_transaction(registry.factory, "main") as s:
+        create_ontology(s, "old", concept_count=3)
+    p = _problem(
+        c.post("/v1/link", json={"mention": "a", "ontology": "old"}), 422, "validation-error"
+    )
+    assert "send candidates" in p["detail"]
+
+
+def test_read_token(tmp_path) -> None:
+    reg = make_registry(service_settings(tmp_path, read_token=READ))
+    register_version(reg.factory, reg.store, seed=1)
+    body = {"mention": "a", "candidates": CANDS}
+    with live_server(create_app(reg.settings, enqueue=reg.sent.append)) as live, live.client() as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200)
+        _problem(c.post("/v1/link", json=body), 401, "unauthorized")
+        bad = c.post("/v1/link", json=body, headers={"Authorization": "Bearer wrong"})
+        assert _problem(bad, 401, "unauthorized") and bad.headers["www-authenticate"].startswith(
+            "Bearer"
+        )
+        basic = c.post("/v1/link", json=body, headers={"Authorization": "Basic YTpi"})
+        _problem(basic, 401, "unauthorized")
+        for token in (READ, ADMIN):
+            ok = c.post("/v1/link", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert ok.status_code == 200
+        _problem(c.get("/v1/versions"), 401, "unauthorized")
+        assert c.get("/v1/versions", headers={"Authorization": f"Bearer {READ}"}).status_code == 200
+        # the read token opens no admin route
+        _problem(
+            c.get("/v1/jobs", headers={"Authorization": f"Bearer {READ}"}), 401, "unauthorized"
+        )
+    reg.factory.kw["bind"].dispose()
+
+
+def test_a_full_queue_answers_429_and_the_queued_requests_complete(tmp_path) -> None:
+    reg = make_registry(service_settings(tmp_path, batch_queue_max=4, max_batch_items=4))
+    register_version(reg.factory, reg.store, seed=1)
+    app = create_app(reg.settings, enqueue=reg.sent.append)
+    body = {"mention": "a", "candidates": CANDS}
+    gate = threading.Event()
+    with live_server(app) as live, live.client() as c, ThreadPoolExecutor(8) as pool:
+        wait_until(lambda: c.get("/readyz").status_code == 200)
+        state = app.state.kronlink
+        state.executor.submit(gate.wait, 30)  # the model thread is busy until the gate opens
+        batcher = state.batchers["main"]
+        first = pool.submit(c.post, "/v1/link", json=body)  # taken, waits for the thread
+        wait_until(lambda: not batcher._works and batcher._waiting == 0 and first.running())
+        time.sleep(0.1)
+        queued = [pool.submit(c.post, "/v1/link", json=body) for _ in range(4)]
+        wait_until(lambda: batcher._waiting == 4)
+        p = _problem(c.post("/v1/link", json=body), 429, "too-many-requests")
+        assert p and "limit 4" in p["detail"]
+        gate.set()
+        assert [f.result().status_code for f in [first, *queued]] == [200] * 5
+        assert 'kronlink_link_rejected_total{lineage="main"} 1.0' in c.get("/metrics").text
+    reg.factory.kw["bind"].dispose()
