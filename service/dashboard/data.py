@@ -1,0 +1,311 @@
+"""What the dashboard shows, read from the registry as plain values.
+
+Nothing here renders: :func:`lineage_view` and :func:`jobs_view` turn registry
+records into frozen dataclasses (and JSON) that the templates, the SVG chart
+and the polling endpoint share. Every text in them may come from an upload
+(task and ontology names, job errors): the renderers escape, this module
+never builds markup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kronlink.registry import (
+    JobInfo,
+    VersionInfo,
+    VersionState,
+    list_task_states,
+    list_tasks,
+    list_versions,
+)
+from kronlink.registry.models import Job, ModelVersion
+
+__all__ = [
+    "Cell",
+    "JobRow",
+    "LineageView",
+    "TaskRow",
+    "VersionRow",
+    "fingerprint",
+    "jobs_view",
+    "lineage_names",
+    "lineage_view",
+]
+
+RECENT_JOBS = 20  # finished jobs listed under the running and queued ones
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One model version on the timeline."""
+
+    id: int
+    number: int
+    state: str
+    parent_number: int | None
+    task: str | None  # the task this version added
+    method: str
+    lambdas: dict[str, Any]  # per prior task name
+    created_at: datetime
+    activated_at: datetime | None
+    job_id: int | None
+    model_bytes: int
+    state_bytes: int  # every task state this version carries
+    new_bytes: int  # what this version added to the store (model + its new task state)
+    test_accuracy: float | None
+    error: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.state == VersionState.ACTIVE.value
+
+    @property
+    def can_activate(self) -> bool:
+        # Failed versions never serve; the active one is active already.
+        return self.state in (VersionState.RETIRED.value, VersionState.CANDIDATE.value)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One task x version cell: the accuracy when learned, or the predicted
+    forgetting Ω at a later version (a data-free estimate of the loss increase)."""
+
+    kind: str  # "learned" | "forgetting" | "none" (no value recorded)
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """A task as learned by one version (a task resubmitted after a failed
+    version has a row per attempt)."""
+
+    name: str
+    learned_by: int  # version number
+    cells: tuple[Cell | None, ...]  # one per version; None before the task was learned
+
+
+@dataclass(frozen=True)
+class LineageView:
+    lineage: str
+    versions: tuple[VersionRow, ...]
+    tasks: tuple[TaskRow, ...]
+    fingerprint: str  # changes whenever a version is added or changes state
+
+    @property
+    def active(self) -> VersionRow | None:
+        return next((v for v in self.versions if v.active), None)
+
+    @property
+    def max_forgetting(self) -> float:
+        values = [c.value for t in self.tasks for c in t.cells if c and c.kind == "forgetting"]
+        return max((v for v in values if v is not None), default=0.0)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as the dashboard lists it: ids, state and progress, never payload data."""
+
+    id: int
+    lineage: str
+    task: str | None
+    method: str | None
+    state: str
+    phase: str | None
+    epoch: int | None
+    step: int | None
+    total_steps: int | None
+    loss: float | None
+    dev_accuracy: float | None
+    message: str | None
+    attempts: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested: bool
+
+    @property
+    def fraction(self) -> float | None:
+        if self.step is None or not self.total_steps:
+            return None
+        return max(0.0, min(1.0, self.step / self.total_steps))
+
+    def as_json(self) -> dict[str, Any]:
+        def iso(t: datetime | None) -> str | None:
+            return t.isoformat() if t else None
+
+        return {
+            "id": self.id,
+            "lineage": self.lineage,
+            "task": self.task,
+            "method": self.method,
+            "state": self.state,
+            "phase": self.phase,
+            "epoch": self.epoch,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "fraction": self.fraction,
+            "loss": self.loss,
+            "dev_accuracy": self.dev_accuracy,
+            "message": self.message,
+            "attempts": self.attempts,
+            "error": self.error,
+            "cancel_requested": self.cancel_requested,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+
+def lineage_names(session: Session) -> list[str]:
+    """Every lineage that has a version or a job, in name order."""
+    names = set(session.scalars(select(ModelVersion.lineage).distinct()))
+    names.update(session.scalars(select(Job.lineage).distinct()))
+    return sorted(names)
+
+
+def _number(value: Any) -> float | None:
+    # Metrics are JSON written by the worker; anything not a finite number is "not recorded".
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    v = float(value)
+    return v if v == v and abs(v) != float("inf") else None
+
+
+def _test_accuracy(v: VersionInfo) -> float | None:
+    test = v.metrics.get("test")
+    return _number(test.get("accuracy")) if isinstance(test, dict) else None
+
+
+def lineage_view(session: Session, lineage: str) -> LineageView:
+    """The lineage's versions (timeline) and its tasks x versions matrix."""
+    versions = list_versions(session, lineage)
+    task_names = {t.id: t.name for t in list_tasks(session)}
+    by_id = {v.id: v for v in versions}
+
+    rows: list[VersionRow] = []
+    seen_uris: set[str] = set()
+    for v in versions:  # number order: a state's bytes count where it first appears
+        states = list_task_states(session, v.id)
+        new = 0 if v.artifact.uri in seen_uris else v.artifact.bytes
+        seen_uris.add(v.artifact.uri)
+        for s in states:
+            if s.artifact.uri not in seen_uris:
+                new += s.artifact.bytes
+                seen_uris.add(s.artifact.uri)
+        parent = by_id.get(v.parent_id) if v.parent_id is not None else None
+        error = v.metrics.get("error")
+        rows.append(
+            VersionRow(
+                id=v.id,
+                number=v.number,
+                state=v.state.value,
+                parent_number=parent.number if parent else None,
+                task=task_names.get(v.task_id) if v.task_id is not None else None,
+                method=v.method,
+                lambdas=dict(v.lambdas),
+                created_at=v.created_at,
+                activated_at=v.activated_at,
+                job_id=v.job_id,
+                model_bytes=v.artifact.bytes,
+                state_bytes=sum(s.artifact.bytes for s in states),
+                new_bytes=new,
+                test_accuracy=_test_accuracy(v),
+                error=str(error) if error is not None else None,
+            )
+        )
+
+    # A later version's Ω of a task is measured against the anchor of the version
+    # that learned it, so it only means something for that version's descendants
+    # (a failed version's siblings never carried its task).
+    def descends(j: int, ancestor_id: int) -> bool:
+        seen, pid = set(), versions[j].parent_id
+        while pid is not None and pid not in seen:
+            if pid == ancestor_id:
+                return True
+            seen.add(pid)
+            pid = by_id[pid].parent_id if pid in by_id else None
+        return False
+
+    tasks: list[TaskRow] = []
+    for i, v in enumerate(versions):
+        name = task_names.get(v.task_id) if v.task_id is not None else None
+        if name is None:
+            continue
+        cells: list[Cell | None] = [None] * len(versions)
+        acc = _test_accuracy(v)
+        cells[i] = Cell("learned", acc) if acc is not None else Cell("none")
+        for j in range(i + 1, len(versions)):
+            if not descends(j, v.id):
+                continue
+            forgetting = versions[j].metrics.get("predicted_forgetting")
+            value = _number(forgetting.get(name)) if isinstance(forgetting, dict) else None
+            cells[j] = Cell("forgetting", value) if value is not None else Cell("none")
+        tasks.append(TaskRow(name, v.number, tuple(cells)))
+
+    return LineageView(lineage, tuple(rows), tuple(tasks), fingerprint(versions))
+
+
+def fingerprint(versions: list[VersionInfo]) -> str:
+    """Changes when a version is added or changes state: what the page polls for
+    (cheap: one query, where the whole view reads every version's task states)."""
+    if not versions:
+        return ""
+    key = repr([(v.id, v.state.value, v.activated_at) for v in versions])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _job_row(job: JobInfo) -> JobRow:
+    p = job.progress
+
+    def num(key: str) -> float | None:
+        return _number(p.get(key))
+
+    def whole(key: str) -> int | None:
+        v = num(key)
+        return int(v) if v is not None else None
+
+    task = job.payload.get("task_name")
+    method = job.payload.get("method")
+    # A finished job's last progress message ("write started") would read as if it still ran.
+    message = None if job.finished else p.get("message")
+    return JobRow(
+        id=job.id,
+        lineage=job.lineage,
+        task=task if isinstance(task, str) else None,
+        method=method if isinstance(method, str) else None,
+        state=job.state.value,
+        phase=job.phase,
+        epoch=whole("epoch"),
+        step=whole("step"),
+        total_steps=whole("total_steps"),
+        loss=num("loss"),
+        dev_accuracy=num("dev_accuracy"),
+        message=message if isinstance(message, str) else None,
+        attempts=job.attempts,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        cancel_requested=job.cancel_requested,
+    )
+
+
+def jobs_view(
+    session: Session, lineage: str | None = None, *, recent: int = RECENT_JOBS
+) -> list[JobRow]:
+    """Running and queued jobs (all of them), then the ``recent`` newest finished ones."""
+    live_states = ("running", "queued")
+    q = select(Job).order_by(Job.id.desc())
+    if lineage is not None:
+        q = q.where(Job.lineage == lineage)
+    live = session.scalars(q.where(Job.state.in_(live_states))).all()
+    done = session.scalars(q.where(Job.state.not_in(live_states)).limit(recent)).all()
+    return [_job_row(JobInfo.of(r)) for r in (*live, *done)]

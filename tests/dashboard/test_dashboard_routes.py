@@ -1,0 +1,139 @@
+"""The dashboard's HTML, fragment and JSON through HTTP (no browser): content, escaping, headers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from dashboard_factories import EVIL, LINEAGE, set_progress
+from fastapi.testclient import TestClient
+
+from kronlink.registry import create_job
+from service.dashboard import make_dashboard_app
+from service.dashboard.data import jobs_view, lineage_view
+
+
+@pytest.fixture
+def client(registry) -> TestClient:
+    with TestClient(make_dashboard_app(registry.factory)) as c:
+        yield c
+
+
+def test_empty_registry_renders(client):
+    r = client.get("/dashboard")
+    assert r.status_code == 200
+    assert "No model version yet" in r.text
+    assert "no jobs yet" in r.text
+    assert client.get("/dashboard/state.json").json()["lineage"] is None
+
+
+def test_page_shows_timeline_chart_jobs_and_escapes_upload_names(client, seeded):
+    r = client.get("/dashboard")
+    assert r.status_code == 200
+    html = r.text
+    # The picked lineage is the one activated last; v4 is active, v3 failed.
+    assert re.search(r'id="active-version" data-version="4"', html)
+    for n, state in ((1, "retired"), (2, "retired"), (3, "failed"), (4, "active")):
+        assert re.search(rf'data-version="{n}" data-version-id="\d+" data-state="{state}"', html)
+    assert 'id="matrix-chart"' in html and 'id="forgetting-chart"' in html
+    assert "0.031" in html and "0.052" in html  # Ω of icd10cm at v2 and v4
+    # The uploaded task name never reaches the page as markup.
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
+    # Rollback buttons for retired versions only, never for failed or active.
+    buttons = re.findall(r'class="activate" data-version-id="\d+" data-version="(\d+)"', html)
+    assert buttons == ["1", "2"]
+    # The running job with its progress.
+    assert re.search(r'<progress max="200" value="10">', html)
+    assert r.headers["content-security-policy"].startswith("default-src 'none'")
+    assert "'unsafe-inline'" not in r.headers["content-security-policy"]
+
+
+def test_matrix_values(registry, seeded):
+    with registry.factory() as s:
+        view = lineage_view(s, LINEAGE)
+    rows = {t.name: t for t in view.tasks}
+    assert list(rows) == ["icd10cm", "hpo", EVIL, "mednorm"]
+    icd = [(c.kind, c.value) if c else None for c in rows["icd10cm"].cells]
+    assert icd == [
+        ("learned", 0.62),
+        ("forgetting", 0.031),
+        ("forgetting", 0.09),
+        ("forgetting", 0.052),
+    ]
+    assert rows["mednorm"].cells[:3] == (None, None, None)
+    # v4 descends from v2, not from the failed v3: it never carried v3's task.
+    assert [c and c.kind for c in rows[EVIL].cells] == [None, None, "learned", None]
+    # Bytes: v4 adds its model and one state; the priors' states are shared, not new.
+    v = {r.number: r for r in view.versions}
+    assert v[4].state_bytes == 1000 + 2000 + 4000
+    assert v[4].new_bytes == v[4].model_bytes + 4000
+    assert v[2].parent_number == 1 and v[4].parent_number == 2
+    assert v[4].lambdas == {"icd10cm": 1000.0, "hpo": 300.0}
+
+
+def test_state_json_follows_progress(client, registry, seeded):
+    s1 = client.get("/dashboard/state.json", params={"lineage": LINEAGE}).json()
+    assert s1["active_version"]["number"] == 4
+    running = [j for j in s1["jobs"] if j["state"] == "running"]
+    assert [(j["id"], j["step"], j["phase"]) for j in running] == [
+        (seeded.running_job_id, 10, "train")
+    ]
+    set_progress(registry.factory, seeded.running_job_id, step=150)
+    s2 = client.get("/dashboard/state.json", params={"lineage": LINEAGE}).json()
+    job = next(j for j in s2["jobs"] if j["id"] == seeded.running_job_id)
+    assert (job["step"], job["fraction"], job["epoch"]) == (150, 0.75, 2)
+    assert s2["fingerprint"] == s1["fingerprint"]
+    # Payload fields other than the task name and method never leave the server.
+    assert set(job) >= {"task", "method"} and "payload" not in job
+
+
+def test_recent_jobs_are_bounded_but_live_ones_all_listed(registry, seeded):
+    with registry.factory.begin() as s:
+        for i in range(30):
+            create_job(s, lineage="other", payload={"task_name": f"t{i}"}, idempotency_key=f"k{i}")
+    with registry.factory() as s:
+        rows = jobs_view(s, recent=3)
+    states = [r.state for r in rows]
+    assert states.count("queued") == 30 and states.count("running") == 1
+    assert len(rows) == 30 + 1 + 3
+
+
+def test_fragment_unknown_lineage_and_static(client, seeded):
+    frag = client.get("/dashboard/lineage", params={"lineage": LINEAGE})
+    assert frag.status_code == 200 and 'id="timeline"' in frag.text and "<html" not in frag.text
+    assert client.get("/dashboard", params={"lineage": "nope"}).status_code == 404
+    assert client.get("/dashboard", params={"lineage": "x" * 101}).status_code == 422
+    js = client.get("/dashboard/static/dashboard.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert client.get("/dashboard/static/dashboard.css").status_code == 200
+    assert client.get("/dashboard/static/..%2Froutes.py").status_code == 404
+    assert client.get("/dashboard/static/routes.py").status_code == 404
+
+
+def test_read_token_guards_every_piece_of_registry_data(registry, seeded, tmp_path):
+    from kronlink.settings import Settings
+
+    read, admin = "r" * 20, "a" * 20
+    settings = Settings(data_dir=tmp_path / "d", read_token=read, admin_token=admin)
+    with TestClient(make_dashboard_app(registry.factory, settings)) as c:
+        page = c.get("/dashboard")
+        # The page loads (a navigation cannot send a header) but carries no data.
+        assert page.status_code == 200 and 'data-locked="1"' in page.text
+        assert "mednorm" not in page.text and LINEAGE not in page.text
+        for url in ("/dashboard/state.json", "/dashboard/lineage"):
+            r = c.get(url, params={"lineage": LINEAGE})
+            assert r.status_code == 401
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert (
+                c.get(url, headers={"Authorization": "Bearer wrong-token-xxxxxxx"}).status_code
+                == 401
+            )
+            for token in (read, admin):  # the admin token reads too
+                ok = c.get(
+                    url, params={"lineage": LINEAGE}, headers={"Authorization": f"Bearer {token}"}
+                )
+                assert ok.status_code == 200 and "mednorm" in ok.text
+        # Sent with the page request (a proxy, curl), the token shows the data at once.
+        full = c.get("/dashboard", headers={"Authorization": f"Bearer {read}"})
+        assert 'data-locked=""' in full.text and "mednorm" in full.text
