@@ -13,12 +13,26 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kronlink.cli import db, evaluate, fisher, submit, tasks, train, update, worker
+from kronlink.cli import (
+    db,
+    demo,
+    evaluate,
+    experiment,
+    fisher,
+    report,
+    serve,
+    submit,
+    tasks,
+    train,
+    update,
+    worker,
+)
 from kronlink.errors import KronlinkError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (tasks, train, evaluate, fisher, db, update, worker, submit)
+COMMANDS = (tasks, train, evaluate, fisher, db, update, worker, submit, serve, demo)
+COMMANDS += (experiment, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,761 @@
+"""The paper's protocol over stored runs (DESIGN.md section 5; the procedure
+and the formulas are written out in docs/experiments.md).
+
+``run_experiment`` walks the protocol and trains what is not stored yet;
+``collect_results`` walks the same protocol and only reads (the report uses
+it), so a report shows exactly the runs its config defines.
+
+Per ranker, split rule and seed:
+
+- tier 1: one model per task, and one on all tasks combined;
+- tier 2: every ordered pair (A, B): the tier-1 model of A trained on B with
+  no penalty, and with each penalty at each λ of the grid; λ chosen by the
+  paper's rule (``metrics.select_paper``) on the dev splits;
+- tier 3: every ordering (A, B, C): from tier 2's chosen (A, B) model of the
+  same method, trained on C with one λ per prior task (``search``: "carry"
+  keeps A's λ from tier 2 and searches B's on the grid; "joint" searches
+  both), chosen by the same rule on the mean drop of A and B;
+- early: a ``fraction`` subsample of one ordering with none, learning-rate
+  control, replay, L2, EWC and KFC (the paper's Table 1).
+
+Only the library's own training, curvature, penalty, strategy and
+evaluation functions run here: this module decides what to run and stores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kronlink.curvature import TaskState, estimate_curvature
+from kronlink.data.schema import Query
+from kronlink.errors import KronlinkError
+from kronlink.evaluation import evaluate
+from kronlink.experiments.config import PENALTIES, ExperimentConfig, RankerSpec, TierSpec
+from kronlink.experiments.metrics import Choice, GridRow, select_data_free, select_paper
+from kronlink.experiments.store import RunStore, spec_id
+from kronlink.models import Ranker, build_ranker
+from kronlink.penalties import build_penalty, predicted_forgetting
+from kronlink.strategies import lrc_param_groups, replay_sample
+from kronlink.training import pick_device, seed_everything, train
+
+__all__ = [
+    "Missing",
+    "OutOfTime",
+    "Results",
+    "Search",
+    "collect_results",
+    "run_experiment",
+]
+
+log = logging.getLogger(__name__)
+
+Event = Callable[[str], None]
+
+
+class Missing(KronlinkError):
+    """A run the config defines has no stored record (report mode)."""
+
+
+class OutOfTime(KronlinkError):
+    """The time budget ran out before a run could start; rerun to go on."""
+
+
+@dataclass
+class TaskData:
+    name: str
+    key: dict
+    train: list[Query]
+    dev: list[Query]
+    test: list[Query]
+
+
+@dataclass
+class Search:
+    """A λ search for one (ordering, method): the grid's runs and both rules' choices."""
+
+    rows: list[dict]  # run records, in grid order
+    lambdas: list[tuple[float, ...]]
+    paper: Choice
+    data_free: Choice
+
+    @property
+    def chosen(self) -> dict:
+        return self.rows[self.paper.index]
+
+    @property
+    def chosen_data_free(self) -> dict:
+        return self.rows[self.data_free.index]
+
+
+@dataclass
+class Results:
+    """What the protocol produced, keyed by (ranker, split rule, seed, ...)."""
+
+    config: ExperimentConfig
+    tier1: dict[tuple, dict] = field(default_factory=dict)  # (+ task)
+    combined: dict[tuple, dict] = field(default_factory=dict)
+    tier2: dict[tuple, dict] = field(default_factory=dict)  # (+ ordering, method): record
+    tier2_search: dict[tuple, Search] = field(default_factory=dict)
+    tier3: dict[tuple, dict] = field(default_factory=dict)
+    tier3_search: dict[tuple, Search] = field(default_factory=dict)
+    early_single: dict[tuple, dict] = field(default_factory=dict)
+    early: dict[tuple, dict] = field(default_factory=dict)  # (+ method)
+    early_search: dict[tuple, Search] = field(default_factory=dict)
+    states: dict[str, dict] = field(default_factory=dict)  # state id -> record
+    layers: dict[tuple, dict] = field(default_factory=dict)  # tier-2 key -> Ω by layer
+    figure2: dict | None = None
+    ran: int = 0
+    reused: int = 0
+    missing: list[str] = field(default_factory=list)
+    complete: bool = True
+
+
+def _subset(queries: Sequence[Query], n: int | None, seed: int) -> list[Query]:
+    """A seeded random subset (the whole list when ``n`` is None or larger)."""
+    picked = list(queries)
+    if n is None or n >= len(picked):
+        return picked
+    random.Random(seed).shuffle(picked)
+    return picked[:n]
+
+
+def _ranker_key(r: RankerSpec) -> dict:
+    # The name is a label: renaming a ranker must not rerun it.
+    return {"kind": r.kind, "model": dict(r.model), "train": dict(r.train)}
+
+
+class _Protocol:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        execute: bool,
+        tiers: Sequence[str] | None = None,
+        rankers: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        deadline: float | None = None,
+        on_event: Event | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.execute = execute
+        self.only_tiers = set(tiers) if tiers else None
+        self.only_rankers = set(rankers) if rankers else None
+        self.seeds = list(seeds) if seeds is not None else list(cfg.seeds)
+        self.deadline = deadline
+        self.emit = on_event or (lambda _m: None)
+        self.store = RunStore(cfg.results_dir)
+        self.results = Results(cfg)
+        self.device = pick_device(cfg.device)
+        self._tasks: dict[str, TaskData] = {}
+        self._makers: dict[str, Callable[[], dict]] = {}
+        self._state_cache: dict[str, TaskState] = {}
+
+    # ---- tasks ---------------------------------------------------------------
+
+    def task_key(
+        self, name: str, rule: str, ranker: RankerSpec, fraction: float | None = None
+    ) -> dict:
+        t = self.cfg.tasks
+        folder = self.cfg.task_dir(name)
+        build = (
+            {"dir": str(folder)}
+            if folder is not None
+            else {
+                "builder": name,
+                "candidates": t.candidates,
+                "limit": t.limit,
+                "split_rule": rule,
+                "seed": t.seed,
+            }
+        )
+        key = {
+            "name": name,
+            "build": build,
+            "subsets": list(ranker.limits or (t.train_limit, t.dev_limit, t.test_limit)),
+        }
+        if fraction is not None:
+            key["fraction"] = fraction
+        return key
+
+    def task(self, key: dict) -> TaskData:
+        kid = spec_id(key)
+        if kid in self._tasks:
+            return self._tasks[kid]
+        from kronlink.data.builders import build_task
+        from kronlink.data.io import load_task, save_task
+
+        build = key["build"]
+        if "dir" in build:
+            task = load_task(build["dir"])
+        else:
+            folder = self.store.task_dir(key["name"], build)
+            if (folder / "task.json").exists():
+                task = load_task(folder)
+            else:
+                self.emit(f"building task {key['name']} ({build['split_rule']} split)")
+                task = build_task(
+                    key["name"],
+                    seed=build["seed"],
+                    split_rule=build["split_rule"],
+                    k=build["candidates"],
+                    limit=build["limit"],
+                )
+                save_task(task, folder)
+        seed = self.cfg.tasks.seed
+        limits = dict(zip(("train", "dev", "test"), key["subsets"], strict=True))
+        splits = {s: _subset(task.split(s), limits[s], seed) for s in limits}
+        if "fraction" in key:
+            f = key["fraction"]
+            splits = {s: _subset(q, max(1, math.ceil(f * len(q))), seed) for s, q in splits.items()}
+        data = TaskData(key["name"], key, splits["train"], splits["dev"], splits["test"])
+        for s in ("train", "dev", "test"):
+            if not getattr(data, s):
+                raise KronlinkError(f"task {key['name']!r} has no {s} queries after subsetting")
+        self._tasks[kid] = data
+        return data
+
+    # ---- models, states ----------------------------------------------------------
+
+    def _check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime("time budget spent")
+
+    def _new_model(self, ranker: RankerSpec, seed: int) -> Ranker:
+        seed_everything(seed)  # the head is randomly initialised
+        # TOML has no null: "none" stands for None (a tiny random vocabulary or encoder).
+        overrides = {k: None if v == "none" else v for k, v in ranker.model.items()}
+        return build_ranker(ranker.kind, **overrides)
+
+    def _model_of(self, record: dict, ranker: RankerSpec, seed: int) -> Ranker:
+        """A fresh model holding the weights of a stored run (re-run if pruned)."""
+        weights = self.store.load_weights(record["id"])
+        if weights is None:
+            self.emit(f"weights of {record['kind']} run {record['id']} are gone: re-running it")
+            self._makers[record["id"]]()
+            weights = self.store.load_weights(record["id"])
+            if weights is None:
+                raise KronlinkError(f"re-running {record['id']} did not store its weights")
+        model = self._new_model(ranker, seed)
+        model.load_state_dict(weights)
+        return model.to(self.device)
+
+    def state(self, record: dict, task_key: dict, ranker: RankerSpec, seed: int) -> str:
+        """Id of the curvature state of a stored model on its task's train split."""
+        c = self.cfg.curvature
+        spec = {
+            "model": record["id"],
+            "task": task_key,
+            "curvature": {
+                "kinds": list(c.kinds),
+                "fisher": c.fisher,
+                "include_other": c.include_other,
+                "batch_size": c.batch_size,
+                "limit": c.limit,
+            },
+        }
+        sid = spec_id(spec)
+        done = self.store.get("state", spec)
+        # The report needs only the record; training needs the file too.
+        if done is not None and (not self.execute or self.store.state_path(sid).exists()):
+            self.results.states[sid] = done
+            return sid
+        if not self.execute:
+            self.results.missing.append(f"state {sid}")
+            raise Missing(f"curvature state {sid} is not stored")
+        self._check_time()
+        model = self._model_of(record, ranker, seed)
+        data = self.task(task_key)
+        queries = _subset(data.train, c.limit, self.cfg.tasks.seed)
+        batches = [
+            model.encode(queries[i : i + c.batch_size])
+            for i in range(0, len(queries), c.batch_size)
+        ]
+        t0 = time.perf_counter()
+        curvature = estimate_curvature(
+            model, batches, kinds=c.kinds, fisher=c.fisher, include_other=c.include_other
+        )
+        seconds = time.perf_counter() - t0
+        stats = {"task": data.name, "train_size": len(data.train), "model_run": record["id"]}
+        TaskState.from_model(model, curvature, stats).save(self.store.state_path(sid))
+        rec = self.store.put(
+            "state", spec, {"seconds": seconds, "n_examples": curvature.n_examples, **stats}
+        )
+        self.results.states[sid] = rec
+        self.emit(f"curvature of {data.name} on run {record['id']}: {seconds:.1f} s")
+        return sid
+
+    def _load_state(self, sid: str) -> TaskState:
+        if sid not in self._state_cache:
+            self._state_cache[sid] = TaskState.load(self.store.state_path(sid))
+        return self._state_cache[sid]
+
+    # ---- one training run ----------------------------------------------------------
+
+    def _evaluate(self, model: Ranker, tasks: Sequence[TaskData], eval_bs: int) -> dict:
+        out = {}
+        for t in tasks:
+            dev = evaluate(model, t.dev, batch_size=eval_bs)
+            test = evaluate(model, t.test, batch_size=eval_bs)
+            out[t.name] = {
+                "dev": dev.accuracy,
+                "test": test.accuracy,
+                "test_mrr": test.mrr,
+                "n_dev": dev.n,
+                "n_test": test.n,
+            }
+        return out
+
+    def _train_run(
+        self,
+        kind: str,
+        spec: dict,
+        *,
+        ranker: RankerSpec,
+        seed: int,
+        start: Callable[[], Ranker],
+        train_q: Callable[[], list[Query]],
+        dev_q: Callable[[], list[Query]],
+        eval_tasks: Callable[[], list[TaskData]],
+        keep_weights: bool,
+        priors: Sequence[str] = (),
+        method: str = "none",
+        lambdas: Sequence[float] = (),
+        extra: dict | None = None,
+    ) -> dict:
+        rid = spec_id(spec)
+
+        def make() -> dict:
+            self._check_time()
+            model = start()
+            cfg = ranker.train_config(seed, self.cfg.device)
+            states = [self._load_state(s) for s in priors]
+            penalty = build_penalty(method, states, list(lambdas)) if method in PENALTIES else None
+            groups = lrc_param_groups(extra["lrc_gamma"]) if method == "lrc" else None
+            replay = None
+            if method == "replay":
+                replay = extra["replay_set"]()
+                from dataclasses import replace
+
+                cfg = replace(cfg, replay_per_batch=extra["replay_per_batch"])
+            t0 = time.perf_counter()
+            res = train(
+                model,
+                train_q(),
+                dev_q(),
+                cfg,
+                penalty=penalty,
+                param_groups=groups,
+                replay=replay,
+            )
+            t_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics = self._evaluate(model, eval_tasks(), cfg.eval_batch_size)
+            omega = predicted_forgetting(model, states) if states else []
+            t_eval = time.perf_counter() - t0
+            if keep_weights:
+                self.store.save_weights(rid, model)
+            result = {
+                "metrics": metrics,
+                "predicted_forgetting": omega,
+                "train": {k: v for k, v in res.as_dict().items() if k != "best_dev"},
+                "seconds": {"train": t_train, "eval": t_eval},
+                "device": str(self.device),
+                "torch": torch.__version__,
+            }
+            rec = self.store.put(kind, spec, result)
+            self.results.ran += 1
+            what = f"{method}{'' if not lambdas else ' λ=' + ','.join(f'{v:g}' for v in lambdas)}"
+            accs = ", ".join(f"{t} {m['test']:.3f}" for t, m in metrics.items())
+            self.emit(f"{kind} {rid} {what}: test {accs} ({t_train:.1f} s)")
+            return rec
+
+        self._makers[rid] = make
+        rec = self.store.get(kind, spec)
+        if rec is not None:
+            self.results.reused += 1
+            return rec
+        if not self.execute:
+            self.results.missing.append(f"{kind} {rid}")
+            raise Missing(f"{kind} run {rid} is not stored")
+        return make()
+
+    # ---- tiers ---------------------------------------------------------------------
+
+    def tier1(self, ranker: RankerSpec, rule: str, seed: int, name: str) -> dict:
+        key = self.task_key(name, rule, ranker)
+        spec = {"tier": "tier1", "ranker": _ranker_key(ranker), "seed": seed, "task": key}
+        rec = self._train_run(
+            "tier1",
+            spec,
+            ranker=ranker,
+            seed=seed,
+            start=lambda: self._new_model(ranker, seed),
+            train_q=lambda: self.task(key).train,
+            dev_q=lambda: self.task(key).dev,
+            eval_tasks=lambda: [self.task(key)],
+            keep_weights=True,
+        )
+        self.results.tier1[(ranker.name, rule, seed, name)] = rec
+        return rec
+
+    def combined(self, ranker: RankerSpec, rule: str, seed: int) -> dict:
+        keys = [self.task_key(n, rule, ranker) for n in self.cfg.tasks.names]
+        spec = {"tier": "combined", "ranker": _ranker_key(ranker), "seed": seed, "tasks": keys}
+        rec = self._train_run(
+            "combined",
+            spec,
+            ranker=ranker,
+            seed=seed,
+            start=lambda: self._new_model(ranker, seed),
+            train_q=lambda: [q for k in keys for q in self.task(k).train],
+            dev_q=lambda: [q for k in keys for q in self.task(k).dev],
+            eval_tasks=lambda: [self.task(k) for k in keys],
+            keep_weights=False,
+        )
+        self.results.combined[(ranker.name, rule, seed)] = rec
+        return rec
+
+    def _stage(
+        self,
+        tier: str,
+        ranker: RankerSpec,
+        seed: int,
+        parent: dict,
+        seen: Sequence[dict],
+        new: dict,
+        method: str,
+        lambdas: Sequence[float],
+        priors: Sequence[str],
+        keep_weights: bool,
+        extra: dict | None = None,
+    ) -> dict:
+        spec: dict[str, Any] = {
+            "tier": tier,
+            "ranker": _ranker_key(ranker),
+            "seed": seed,
+            "parent": parent["id"],
+            "seen": list(seen),
+            "task": new,
+            "method": method,
+            "lambdas": [float(v) for v in lambdas],
+            "priors": list(priors),
+        }
+        if extra:
+            spec["options"] = {k: v for k, v in extra.items() if not callable(v)}
+        return self._train_run(
+            tier,
+            spec,
+            ranker=ranker,
+            seed=seed,
+            start=lambda: self._model_of(parent, ranker, seed),
+            train_q=lambda: self.task(new).train,
+            dev_q=lambda: self.task(new).dev,
+            eval_tasks=lambda: [self.task(k) for k in (*seen, new)],
+            keep_weights=keep_weights,
+            priors=priors,
+            method=method,
+            lambdas=lambdas,
+            extra=extra,
+        )
+
+    def _search(
+        self,
+        tier: str,
+        ranker: RankerSpec,
+        seed: int,
+        parent: dict,
+        seen: Sequence[dict],
+        new: dict,
+        method: str,
+        candidates: Sequence[tuple[float, ...]],
+        priors: Sequence[str],
+        reference: dict,
+        keep_weights: bool,
+    ) -> Search:
+        """Runs every λ vector of ``candidates`` and applies both rules, with
+        ``reference`` (the unpenalised run) as the new task's yardstick."""
+        rows = [
+            self._stage(tier, ranker, seed, parent, seen, new, method, lam, priors, keep_weights)
+            for lam in candidates
+        ]
+        names = [k["name"] for k in seen]
+        new_name = new["name"]
+        grid = [
+            GridRow(
+                tuple(lam),
+                tuple(r["metrics"][n]["dev"] for n in names),
+                r["metrics"][new_name]["dev"],
+            )
+            for lam, r in zip(candidates, rows, strict=True)
+        ]
+        ref_new = reference["metrics"][new_name]["dev"]
+        ref_old = [parent["metrics"][n]["dev"] for n in names]
+        margin = self.cfg.selection.margin
+        search = Search(
+            rows,
+            [tuple(c) for c in candidates],
+            select_paper(grid, ref_new, ref_old, margin),
+            select_data_free(grid, ref_new, margin),
+        )
+        if keep_weights and self.execute:
+            keep = {search.chosen["id"], search.chosen_data_free["id"]}
+            for r in rows:
+                if r["id"] not in keep:
+                    self.store.drop_weights(r["id"])
+        return search
+
+    def tier2(
+        self, ranker: RankerSpec, rule: str, seed: int, ordering: tuple[str, ...], method: str
+    ) -> dict:
+        """The tier-2 run of (A, B) for ``method`` (λ chosen by the paper's rule)."""
+        a, b = ordering
+        key = (ranker.name, rule, seed, ordering, method)
+        if key in self.results.tier2:
+            return self.results.tier2[key]
+        single = self.tier1(ranker, rule, seed, a)
+        ka, kb = self.task_key(a, rule, ranker), self.task_key(b, rule, ranker)
+        # Tier 3 and the Ω-by-layer breakdown start from tier 2's chosen models:
+        # keep their weights (the search drops the others).
+        keep = True
+        sa = self.state(single, ka, ranker, seed)
+        if method == "none":
+            rec = self._stage("tier2", ranker, seed, single, [ka], kb, "none", [], [], keep)
+        else:
+            none = self.tier2(ranker, rule, seed, ordering, "none")
+            grid = ranker.grid or self.cfg.selection.grid
+            search = self._search(
+                "tier2", ranker, seed, single, [ka], kb, method,
+                [(float(v),) for v in grid], [sa], none, keep,
+            )  # fmt: skip
+            self.results.tier2_search[key] = search
+            rec = search.chosen
+        self.results.tier2[key] = rec
+        self.layers(key, rec, sa, ranker, seed)
+        return rec
+
+    def layers(self, key: tuple, record: dict, sid: str, ranker: RankerSpec, seed: int) -> None:
+        """Ω of the prior split by layer, at the weights of ``record``."""
+        from kronlink.experiments.analysis import omega_by_layer
+
+        spec = {"run": record["id"], "prior": sid}
+        rec = self.store.get("layers", spec)
+        if rec is None:
+            if not self.execute:
+                self.results.missing.append(f"layers {spec_id(spec)}")
+                return
+            self._check_time()
+            model = self._model_of(record, ranker, seed)
+            rec = self.store.put(
+                "layers", spec, {"omega": omega_by_layer(model, self._load_state(sid))}
+            )
+        self.results.layers[key] = rec
+
+    def tier3(
+        self, ranker: RankerSpec, rule: str, seed: int, ordering: tuple[str, ...], method: str
+    ) -> dict:
+        a, b, _c = ordering
+        key = (ranker.name, rule, seed, ordering, method)
+        if key in self.results.tier3:
+            return self.results.tier3[key]
+        stage2 = self.tier2(ranker, rule, seed, (a, b), method)
+        ka, kb, kc = (self.task_key(n, rule, ranker) for n in ordering)
+        if method == "none":
+            rec = self._stage("tier3", ranker, seed, stage2, [ka, kb], kc, "none", [], [], False)
+        else:
+            single = self.tier1(ranker, rule, seed, a)
+            sa = self.state(single, ka, ranker, seed)
+            sb = self.state(stage2, kb, ranker, seed)
+            none = self.tier3(ranker, rule, seed, ordering, "none")
+            grid = [float(v) for v in (ranker.grid or self.cfg.selection.grid)]
+            if self.cfg.tier3.search == "carry":
+                # A's penalty keeps the weight tier 2 chose for it; B's is searched.
+                lam_a = float(stage2["spec"]["lambdas"][0])
+                candidates = [(lam_a, v) for v in grid]
+            else:
+                candidates = [(u, v) for u in grid for v in grid]
+            search = self._search(
+                "tier3", ranker, seed, stage2, [ka, kb], kc, method, candidates, [sa, sb],
+                none, False,
+            )  # fmt: skip
+            self.results.tier3_search[key] = search
+            rec = search.chosen
+        self.results.tier3[key] = rec
+        return rec
+
+    def early(self, ranker: RankerSpec, rule: str, seed: int) -> None:
+        e = self.cfg.early
+        a, b = e.ordering
+        ka = self.task_key(a, rule, ranker, e.fraction)
+        kb = self.task_key(b, rule, ranker, e.fraction)
+        spec = {"tier": "early_single", "ranker": _ranker_key(ranker), "seed": seed, "task": ka}
+        single = self._train_run(
+            "early_single",
+            spec,
+            ranker=ranker,
+            seed=seed,
+            start=lambda: self._new_model(ranker, seed),
+            train_q=lambda: self.task(ka).train,
+            dev_q=lambda: self.task(ka).dev,
+            eval_tasks=lambda: [self.task(ka)],
+            keep_weights=True,
+        )
+        base = (ranker.name, rule, seed)
+        self.results.early_single[base] = single
+        none = self._stage("early", ranker, seed, single, [ka], kb, "none", [], [], False)
+        self.results.early[(*base, "none")] = none
+        for method in e.methods:
+            if method == "none":
+                continue
+            if method == "lrc":
+                rec = self._stage(
+                    "early", ranker, seed, single, [ka], kb, "lrc", [], [], False,
+                    {"lrc_gamma": e.lrc_gamma},
+                )  # fmt: skip
+            elif method == "replay":
+                extra = {
+                    "replay_size": e.replay_size,
+                    "replay_per_batch": e.replay_per_batch,
+                    "replay_set": lambda: replay_sample(self.task(ka).train, e.replay_size, seed),
+                }
+                rec = self._stage(
+                    "early", ranker, seed, single, [ka], kb, "replay", [], [], False, extra
+                )
+            else:
+                sa = self.state(single, ka, ranker, seed)
+                grid = ranker.grid or self.cfg.selection.grid
+                search = self._search(
+                    "early", ranker, seed, single, [ka], kb, method,
+                    [(float(v),) for v in grid], [sa], none, False,
+                )  # fmt: skip
+                self.results.early_search[(*base, method)] = search
+                rec = search.chosen
+            self.results.early[(*base, method)] = rec
+
+    def figure2(self) -> None:
+        from kronlink.experiments.fisher_figure import figure2_run
+
+        spec_cfg = self.cfg.figure2
+        assert spec_cfg is not None
+        key = self.task_key(spec_cfg.task, self.cfg.tasks.split_rules[0], self.cfg.rankers[0])
+        spec = {"tier": "figure2", "task": key, "figure": vars(spec_cfg)}
+        rec = self.store.get("figure2", spec)
+        path = self.store.root / "figure2" / f"{spec_id(spec)}.safetensors"
+        if rec is None or not path.exists():
+            if not self.execute:
+                self.results.missing.append("figure2")
+                raise Missing("figure 2 is not stored")
+            self._check_time()
+            result = figure2_run(self.task(key).train, spec_cfg, path)
+            rec = self.store.put("figure2", spec, result)
+            self.results.ran += 1
+            self.emit(f"figure 2: relative errors {result['relative_error']}")
+        else:
+            self.results.reused += 1
+        self.results.figure2 = {**rec, "matrices": str(path)}
+
+    # ---- driver ----------------------------------------------------------------------
+
+    def _tiers(self, ranker: RankerSpec) -> set[str]:
+        tiers = set(ranker.tiers)
+        return tiers & self.only_tiers if self.only_tiers is not None else tiers
+
+    @staticmethod
+    def _seed_in(seeds: Sequence[int] | None, seed: int) -> bool:
+        return seeds is None or seed in seeds
+
+    def _guard(self, fn: Callable[[], Any]) -> None:
+        """In report mode a missing run skips its cell, not the whole report."""
+        try:
+            fn()
+        except Missing:
+            self.results.complete = False
+
+    def run(self) -> Results:
+        cfg = self.cfg
+        try:
+            if cfg.figure2 is not None and (
+                self.only_tiers is None or "figure2" in self.only_tiers
+            ):
+                self._guard(self.figure2)
+            for ranker in cfg.rankers:
+                if self.only_rankers is not None and ranker.name not in self.only_rankers:
+                    continue
+                tiers = self._tiers(ranker)
+                for rule in cfg.tasks.split_rules:
+                    headline = rule == cfg.tasks.split_rules[0]
+                    for seed in self.seeds:
+                        self._ranker_seed(ranker, rule, seed, tiers, headline)
+        except OutOfTime:
+            self.results.complete = False
+            self.emit("time budget spent: stopped before the next run; rerun to continue")
+        if self.results.missing:
+            self.results.complete = False
+        return self.results
+
+    def _ranker_seed(
+        self, ranker: RankerSpec, rule: str, seed: int, tiers: set[str], headline: bool
+    ) -> None:
+        cfg = self.cfg
+        if "tier1" in tiers:
+            for name in cfg.tasks.names:
+                self._guard(lambda n=name: self.tier1(ranker, rule, seed, n))
+        if "combined" in tiers:
+            self._guard(lambda: self.combined(ranker, rule, seed))
+        if not headline:
+            return  # tiers 2, 3 and early use the headline split only
+        if "tier2" in tiers and self._seed_in(cfg.tier2.seeds, seed):
+            orderings = (
+                [tuple(o) for o in ranker.tier2_orderings]
+                if ranker.tier2_orderings
+                else cfg.orderings(cfg.tier2, 2)
+            )
+            methods = ranker.tier2_methods or cfg.tier2.methods
+            for o in orderings:
+                for m in methods:
+                    self._guard(lambda o=o, m=m: self.tier2(ranker, rule, seed, o, m))
+        if "tier3" in tiers and self._seed_in(cfg.tier3.seeds, seed):
+            spec: TierSpec = cfg.tier3
+            for o in cfg.orderings(spec, 3):
+                for m in spec.methods:
+                    self._guard(lambda o=o, m=m: self.tier3(ranker, rule, seed, o, m))
+        if "early" in tiers and self._seed_in(cfg.early.seeds, seed):
+            self._guard(lambda: self.early(ranker, rule, seed))
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    tiers: Sequence[str] | None = None,
+    rankers: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    max_seconds: float | None = None,
+    on_event: Event | None = None,
+) -> Results:
+    """Run every run of ``cfg`` that is not stored yet (optionally only some
+    tiers, rankers or seeds). With ``max_seconds``, no new run starts after
+    that budget; ``Results.complete`` is then False and a rerun goes on."""
+    deadline = time.monotonic() + max_seconds if max_seconds is not None else None
+    proto = _Protocol(
+        cfg,
+        execute=True,
+        tiers=tiers,
+        rankers=rankers,
+        seeds=seeds,
+        deadline=deadline,
+        on_event=on_event,
+    )
+    return proto.run()
+
+
+def collect_results(cfg: ExperimentConfig) -> Results:
+    """The stored runs of ``cfg``, walked as ``run_experiment`` would, without
+    training anything; ``missing`` lists what is not stored."""
+    return _Protocol(cfg, execute=False).run()
