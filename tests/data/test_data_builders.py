@@ -84,6 +84,6 @@ def test_built_task_round_trips(tmp_path):
 
 
 def test_registry():
-    assert set(BUILDERS) == {"icd10cm", "hpo"}
+    assert set(BUILDERS) == {"icd10cm", "hpo", "drugs"}
     with pytest.raises(ValueError, match="unknown task"):
         build_task("snomed")
