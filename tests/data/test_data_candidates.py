@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,30 @@ def test_batched_search_is_fast():
     hits = index.search(mentions, 25)
     assert time.perf_counter() - started < 10  # about 1 s on a laptop core
     assert all(len(h) == 25 for h in hits)
+
+
+def test_bm25_never_wakes_jax(tmp_path) -> None:
+    """bm25s runs a top-k on JAX at import when JAX is installed, and JAX then
+    takes 75% of the GPU (seen on an H200). A stand-in ``jax`` package that
+    records being imported shows kronlink's import keeps JAX asleep, while a
+    bare ``import bm25s`` in a fresh process does wake it (the check's control)."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "jax"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\nopen(os.environ['JAX_MARKER'], 'a').write('imported\\n')\n"
+    )
+    (fake / "lax.py").write_text("def top_k(x, k):\n    return x[:k]\n")
+    env = {"PYTHONPATH": f"{fake.parent}:{Path.cwd()}", "JAX_MARKER": str(tmp_path / "mark")}
+
+    def run(code: str) -> bool:
+        (tmp_path / "mark").unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        return (tmp_path / "mark").exists()
+
+    assert not run(
+        "import kronlink.data.candidates, bm25s.selection as s; assert not s.JAX_IS_AVAILABLE"
+    )
+    assert run("import bm25s")
