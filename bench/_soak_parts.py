@@ -1,0 +1,307 @@
+"""Parts of bench/soak.py: the deployment's processes, the load clients, RSS.
+
+The load clients are the minimal HTTP/1.1 keep-alive client of bench/link.py
+(asyncio streams in one process), so the generator takes little of the CPU
+it shares with two replicas and a training worker on a small machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from link import query
+
+from kronlink.data.schema import Candidate, Concept, Query, Task
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONCEPT_NAMES = [
+    "essential hypertension",
+    "type 2 diabetes mellitus",
+    "type 1 diabetes mellitus",
+    "angina pectoris",
+    "acute myocardial infarction",
+    "chest pain unspecified",
+    "gastroesophageal reflux disease",
+    "costochondritis",
+    "pulmonary embolism",
+    "anxiety disorder",
+    "musculoskeletal pain",
+    "pericarditis",
+    "aortic dissection",
+    "asthma",
+    "migraine",
+    "fever",
+    "iron deficiency anemia",
+    "gout",
+    "atrial fibrillation",
+    "chronic kidney disease",
+    "hypothyroidism",
+    "community acquired pneumonia",
+    "urinary tract infection",
+    "major depressive disorder",
+]
+CONTEXT = "patient seen in clinic with history of symptoms reported on admission today".split()
+
+
+def make_task(name: str, seed: int, sizes: tuple[int, int, int], k: int) -> Task:
+    """A synthetic task: mentions are a gold name with a word dropped or a
+    suffix, ``k`` candidates drawn from the concept list (gold among them)."""
+    rng = random.Random(seed)
+    concepts = tuple(Concept(f"C{i:03d}", n) for i, n in enumerate(CONCEPT_NAMES))
+    queries = []
+    for split, n in zip(("train", "dev", "test"), sizes, strict=True):
+        for _ in range(n):
+            picked = rng.sample(concepts, k)
+            gold = rng.choice(picked)
+            words = gold.name.split()
+            if len(words) > 1 and rng.random() < 0.5:
+                words.pop(rng.randrange(len(words)))
+            left = " ".join(rng.sample(CONTEXT, 4))
+            right = " ".join(rng.sample(CONTEXT, 3))
+            cands = tuple(Candidate(c.id, c.name) for c in picked)
+            queries.append(Query(" ".join(words), gold.id, left, right, cands, split))
+    return Task(name, concepts, tuple(queries))
+
+
+# -- processes ----------------------------------------------------------------
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[1])
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += [p for p, pp in parents.items() if pp == pid]
+    return out
+
+
+def tree_rss_mib(root: int) -> float:
+    """Sum of VmRSS over a process and its children (the Celery worker's pool
+    children included, should it have any), in MiB."""
+    total_kib = 0
+    for pid in tree_pids(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kib / 1024
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "kronlink.cli", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C on the soak does not hit them first
+        )
+
+
+def stop(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}): {tail(log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"127.0.0.1:{port}{path} not 200 after {timeout_s:g} s: {tail(log)}")
+
+
+def tail(log: Path, chars: int = 3000) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+class RssSampler:
+    """Samples every process tree each ``interval_s`` (peak and timeline)."""
+
+    def __init__(self, procs: dict[str, int], interval_s: float = 1.0) -> None:
+        self.procs = procs
+        self.interval_s = interval_s
+        self.peak: dict[str, float] = dict.fromkeys(procs, 0.0)
+        self.timeline: list[tuple[float, dict[str, float]]] = []
+        self._stop = asyncio.Event()
+
+    def sample(self) -> dict[str, float]:
+        now = {name: tree_rss_mib(pid) for name, pid in self.procs.items()}
+        for name, mib in now.items():
+            self.peak[name] = max(self.peak[name], mib)
+        return now
+
+    async def run(self, t0: float) -> None:
+        while not self._stop.is_set():
+            self.timeline.append((round(time.perf_counter() - t0, 1), self.sample()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.interval_s)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# -- load ---------------------------------------------------------------------
+@dataclass
+class Replica:
+    name: str
+    port: int
+    latencies: list[float] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  # s, beside each latency
+    failures: Counter = field(default_factory=Counter)
+    # the versions this replica answered with, in the order of the answers:
+    # [number, version id, first seen (s), last seen (s), answers]
+    runs: list[list] = field(default_factory=list)
+
+    def served(self, number: int, version_id: int, t: float) -> None:
+        if self.runs and self.runs[-1][1] == version_id:
+            self.runs[-1][3] = t
+            self.runs[-1][4] += 1
+        else:
+            self.runs.append([number, version_id, t, t, 1])
+
+
+async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return status, await reader.readexactly(length)
+
+
+def _reason(status: int, payload: bytes) -> str:
+    try:
+        body = json.loads(payload)
+        return f"HTTP {status} {body.get('type', '')}: {str(body.get('detail', ''))[:120]}"
+    except ValueError:
+        return f"HTTP {status}: {payload[:120]!r}"
+
+
+async def client(
+    idx: int,
+    replicas: list[Replica],
+    stop: asyncio.Event,
+    t0: float,
+    candidates: int,
+    timeout_s: float = 30.0,
+) -> None:
+    """Sends /v1/link to the replicas in turn, without pause, until ``stop``;
+    every failure (status, connection error, timeout) is counted with its reason."""
+    bodies = [json.dumps(query(idx * 31 + j, candidates)).encode() for j in range(16)]
+    conns: list = [None] * len(replicas)
+    i = idx
+    try:
+        while not stop.is_set():
+            r = i % len(replicas)
+            rep = replicas[r]
+            body = bodies[i % len(bodies)]
+            i += 1
+            request = (
+                b"POST /v1/link HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            start = time.perf_counter()
+            try:
+                if conns[r] is None:
+                    conns[r] = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", rep.port), timeout_s
+                    )
+                status, payload = await asyncio.wait_for(_exchange(*conns[r], request), timeout_s)
+            except Exception as exc:  # any failure is counted, none ends the client
+                rep.failures[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
+                if conns[r] is not None:
+                    conns[r][1].close()
+                conns[r] = None
+                await asyncio.sleep(0.05)  # a dead replica must not turn this into a busy loop
+                continue
+            end = time.perf_counter()
+            if status != 200:
+                rep.failures[_reason(status, payload)] += 1
+                continue
+            try:
+                version = json.loads(payload)["model_version"]
+                rep.served(version["number"], version["id"], round(end - t0, 3))
+            except (ValueError, KeyError, TypeError) as exc:
+                rep.failures[f"bad 200 body ({type(exc).__name__}): {payload[:120]!r}"] += 1
+                continue
+            rep.latencies.append(end - start)
+            rep.answered_at.append(end - t0)
+    finally:
+        for c in conns:
+            if c is not None:
+                c[1].close()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def around_swaps(rep: Replica, window_s: float = 1.0) -> dict[str, dict]:
+    """Latency of the answers within ``window_s`` of a change of served
+    version on this replica, and of all the others: what a swap adds."""
+    swaps = [run[2] for run in rep.runs[1:]]
+    near: list[float] = []
+    far: list[float] = []
+    for t, lat in zip(rep.answered_at, rep.latencies, strict=True):
+        (near if any(abs(t - s) <= window_s for s in swaps) else far).append(lat)
+    return {
+        "near_swaps": {"answers": len(near), **latency_summary(near)},
+        "elsewhere": {"answers": len(far), **latency_summary(far)},
+    }
+
+
+def latency_summary(values: list[float]) -> dict[str, float | None]:
+    ms = [v * 1000 for v in values]
+    return {
+        "p50_ms": round(statistics.median(ms), 2) if ms else None,
+        "p99_ms": round(percentile(ms, 0.99), 2) if ms else None,
+        "max_ms": round(max(ms), 2) if ms else None,
+    }
