@@ -14,12 +14,42 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["SWEEP_TASK", "UPDATE_TASK", "UpdateJobSpec", "UpdateMessage"]
+__all__ = ["SWEEP_TASK", "UPDATE_TASK", "UpdateJobSpec", "UpdateMessage", "check_name"]
 
 UPDATE_TASK = "kronlink.update"  # runs one update job: kwargs = UpdateMessage
 SWEEP_TASK = "kronlink.sweep"  # deletes stale staged data, recovers lost jobs
 
 _STAGED_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+MAX_NAME_BYTES = 200  # a name is a file name in the artifact store (NAME_MAX is 255)
+
+
+def check_name(value: str) -> str:
+    """A task, ontology or lineage name that is safe as one path component.
+
+    Names become artifact keys (``states/<lineage>/<attempt>/<task>``,
+    ``ontologies/<name>/...``): refused here, at submission, rather than by
+    the worker after the training it would have thrown away.
+    """
+    for sep in ("/", "\\"):
+        if sep in value:
+            raise ValueError(
+                f"contains {sep!r}: a name is one path component in the artifact store; "
+                "use another character"
+            )
+    if value.startswith("."):
+        raise ValueError("starts with '.': such names are hidden or mean a parent folder")
+    bad = next((ch for ch in value if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0), None)
+    if bad is not None:
+        raise ValueError(f"contains the control character {bad!r}; use printable characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("contains an unpaired surrogate; send valid Unicode") from None
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"is {size} bytes in UTF-8, over {MAX_NAME_BYTES} bytes: shorten it")
+    return value
 
 
 class UpdateMessage(BaseModel):
@@ -47,6 +77,11 @@ class UpdateJobSpec(BaseModel):
     # Only for version 1 of a lineage: ranker kind and config overrides
     ranker: dict[str, Any] = Field(default_factory=lambda: {"kind": "cnn"})
     ontology: str | None = None  # ontology name recorded in the registry; None: the task name
+
+    @field_validator("task_name", "ontology")
+    @classmethod
+    def _names(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v)
 
     @field_validator("staged_id")
     @classmethod

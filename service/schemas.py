@@ -8,6 +8,7 @@ fixed here.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -51,8 +52,13 @@ def valid_text(value: str) -> str:
 
 
 def _nonblank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("expected at least one non-space character")
+    # Zero-width spaces, joiners, direction marks and NULs are not spaces to
+    # str.strip, but a mention of nothing else has nothing to rank by.
+    if all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in value):
+        raise ValueError(
+            "expected at least one visible character, got only spaces, control or "
+            "format characters (zero-width spaces, direction marks)"
+        )
     return value
 
 

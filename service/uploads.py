@@ -3,7 +3,9 @@
 The body is parsed as it arrives (``python-multipart``'s streaming parser):
 file parts go straight to files under ``staging/.upload-<id>/``, never whole
 into memory, and a file over ``max_file_bytes`` ends the request with 413 at
-the byte that crossed the limit. Form fields are small and kept in memory
+the byte that crossed the limit. An archive or compressed stream (zip, gzip,
+xz ...; by its first bytes) or a compressed body (``Content-Encoding``) ends
+it with 415: nothing is ever unpacked. Form fields are small and kept in memory
 (at most ``MAX_FIELD_BYTES`` each). Whatever fails, the folder is removed.
 """
 
@@ -31,6 +33,19 @@ log = logging.getLogger(__name__)
 FILE_PARTS = {"queries": "queries.jsonl", "ontology": "ontology.jsonl"}
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32
+# Leading bytes of archives and compressed streams: refused at the first
+# chunk, never unpacked (a zip bomb costs its compressed size and no more).
+_ARCHIVES = (
+    (b"PK\x03\x04", "a zip archive"),
+    (b"PK\x05\x06", "a zip archive"),
+    (b"\x1f\x8b", "a gzip stream"),
+    (b"BZh", "a bzip2 stream"),
+    (b"\xfd7zXZ\x00", "an xz stream"),
+    (b"(\xb5/\xfd", "a zstd stream"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+    (b"Rar!\x1a\x07", "a rar archive"),
+)
+_MAGIC_BYTES = max(len(m) for m, _ in _ARCHIVES)
 
 
 @dataclass
@@ -53,12 +68,14 @@ class _Receiver:
         self._file: BinaryIO | None = None
         self._data = bytearray()
         self._fields = 0
+        self._head = b""  # a file part's first bytes, until the archive check ran
 
     def on_part_begin(self) -> None:
         self._disposition = b""
         self._name = ""
         self._file = None
         self._data = bytearray()
+        self._head = b""
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -105,6 +122,10 @@ class _Receiver:
                     f"file part {self._name!r} exceeds {self.max_file_bytes} bytes "
                     "(KRONLINK_MAX_UPLOAD_BYTES); split the dataset or raise the limit",
                 )
+            if size - n < _MAGIC_BYTES:
+                self._head = (self._head + data[start:end])[:_MAGIC_BYTES]
+                if len(self._head) >= _MAGIC_BYTES:
+                    self._refuse_archive()
             self.upload.sizes[self._name] = size
             self._file.write(data[start:end])
         else:
@@ -114,8 +135,22 @@ class _Receiver:
                 )
             self._data += data[start:end]
 
+    def _refuse_archive(self) -> None:
+        kind = next((k for magic, k in _ARCHIVES if self._head.startswith(magic)), None)
+        if kind is not None:
+            name, file = self._name, FILE_PARTS[self._name]
+            raise ProblemError(
+                415,
+                "unsupported-media-type",
+                f"file part {name!r} is {kind}; archives and compressed files are not "
+                f"accepted (nothing was unpacked): upload {file} uncompressed, as UTF-8 JSONL",
+                errors=[FieldError(loc=f"form.{name}", message=f"{kind}, not JSONL")],
+            )
+
     def on_part_end(self) -> None:
         if self._file is not None:
+            if len(self._head) < _MAGIC_BYTES:
+                self._refuse_archive()  # a part shorter than the longest magic
             self._file.close()
             self._file = None
         else:
@@ -144,6 +179,14 @@ async def receive_upload(request: Request, staging: Path, *, max_file_bytes: int
             "unsupported-media-type",
             "expected multipart/form-data with the parts queries and ontology (files) and "
             f"task (field), got {ctype.decode('latin-1') or 'no Content-Type'}",
+        )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ProblemError(
+            415,
+            "unsupported-media-type",
+            f"Content-Encoding {encoding} is not accepted on uploads (nothing is unpacked): "
+            "send the multipart body uncompressed",
         )
     boundary = params.get(b"boundary")
     if not boundary:
@@ -184,7 +227,10 @@ async def receive_upload(request: Request, staging: Path, *, max_file_bytes: int
             parser.finalize()
         except FormParserError as exc:
             raise ProblemError(
-                400, "validation-error", f"malformed multipart body: {exc}"
+                400,
+                "validation-error",
+                f"malformed multipart body: {exc}; send multipart/form-data as HTTP "
+                "clients build it (at most 8 headers of 4 kB per part, names under 4 kB)",
             ) from None
         missing = [p for p in FILE_PARTS if p not in receiver.upload.sizes]
         if missing:

@@ -23,7 +23,8 @@ def check_size(path: Path, max_bytes: int) -> None:
 def text_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, line without its newline).
 
-    Decoding line by line lets invalid UTF-8 be reported with its line.
+    Decoding line by line lets invalid UTF-8 be reported with its line. A
+    byte order mark at the start of the file is dropped.
     """
     check_size(path, max_bytes)
     with path.open("rb") as f:
@@ -36,4 +37,8 @@ def text_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str]]:
                     path=path,
                     line=lineno,
                 ) from None
+            if lineno == 1:
+                # A UTF-8 byte order mark (Notepad, Excel exports) is encoding
+                # noise, not content: json.loads would refuse the first line.
+                text = text.removeprefix("\ufeff")
             yield lineno, text.rstrip("\r\n")

@@ -72,6 +72,19 @@ def _json_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, dict[str, Any
         yield lineno, obj
 
 
+def _check_unicode(f: _Fields, field: str, value: str) -> None:
+    """JSON's ``\\ud800`` escapes decode to unpaired surrogates, which no
+    tokenizer or UTF-8 writer accepts: refuse them here, not in the worker."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise f.fail(
+            field,
+            f"contains an unpaired surrogate {value[e.start]!r} at character {e.start + 1}: "
+            "expected valid Unicode (a \\ud800-\\udfff escape must be half of a pair)",
+        ) from None
+
+
 class _Fields:
     """Typed field access for one line, raising with file, line and field."""
 
@@ -99,6 +112,7 @@ class _Fields:
             value = self.obj[field]
         if not isinstance(value, str):
             raise self.fail(field, f"expected a string, got {_type_name(value)}")
+        _check_unicode(self, field, value)
         if nonempty and not value.strip():
             raise self.fail(field, "expected a non-empty string, got an empty one")
         return value
@@ -112,6 +126,7 @@ class _Fields:
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise self.fail(f"{field}[{i}]", f"expected a string, got {_type_name(item)}")
+            _check_unicode(self, f"{field}[{i}]", item)
         return tuple(value)
 
 

@@ -14,7 +14,9 @@ writes everything under a temporary name beside the final one
   names the artifact and its sha256 is committed only after the put returns.
 
 A directory's sha256 is the sha256 of its manifest: one line per file,
-sorted by relative path, ``<path>\\0<bytes>\\0<file sha256>\\n``.
+sorted by relative path, ``<path>\\0<bytes>\\0<file sha256>\\n``. The marker
+holds that sha256 and then one ``<file sha256> <bytes> <path>`` line per
+file, so a checksum mismatch names the files that changed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from kronlink.registry.records import ArtifactInfo
 
 __all__ = ["ArtifactStore", "task_state_key", "version_key"]
 
-MARKER = ".kronlink-complete"  # last file of a directory artifact: its sha256
+MARKER = ".kronlink-complete"  # last file of a directory artifact: its sha256, manifest
 _TMP = ".tmp"
 _CHUNK = 1 << 20
 
@@ -83,6 +85,36 @@ def _manifest_digest(entries: list[tuple[str, int, str]]) -> str:
     for rel, size, digest in sorted(entries):
         h.update(f"{rel}\0{size}\0{digest}\n".encode())
     return h.hexdigest()
+
+
+def _marker_text(digest: str, entries: list[tuple[str, int, str]]) -> str:
+    """The marker: the digest, then ``<sha256> <bytes> <path>`` per file, so
+    that a later mismatch can name the file that changed."""
+    return digest + "\n" + "".join(f"{d} {n} {rel}\n" for rel, n, d in sorted(entries))
+
+
+def _changed_files(marker: str, entries: list[tuple[str, int, str]]) -> list[str]:
+    """Files whose content differs from the marker's manifest (empty for a
+    marker written before manifests were recorded)."""
+    recorded: dict[str, tuple[int, str]] = {}
+    for line in marker.splitlines()[1:]:
+        digest, size, rel = line.split(" ", 2)
+        recorded[rel] = (int(size), digest)
+    if not recorded:
+        return []
+    found = {rel: (size, digest) for rel, size, digest in entries}
+    out = []
+    for rel in sorted(recorded.keys() | found.keys()):
+        want, got = recorded.get(rel), found.get(rel)
+        if got is None:
+            out.append(f"{rel} is missing")
+        elif want is None:
+            out.append(f"{rel} was not part of the artifact")
+        elif want != got:
+            out.append(
+                f"{rel} has sha256 {got[1]} ({got[0]} bytes), written as {want[1]} ({want[0]} bytes)"
+            )
+    return out
 
 
 def _local_files(source: Path) -> Iterator[tuple[str, Path]]:
@@ -187,11 +219,12 @@ class ArtifactStore:
             digest = _manifest_digest(entries)
             total = sum(size for _, size, _ in entries)
             info = ArtifactInfo(self.uri(key), digest, total)
+            marker = _marker_text(digest, entries)
             if self._local is not None:
                 Path(tmp).mkdir(parents=True, exist_ok=True)
-                (Path(tmp) / MARKER).write_text(digest)
+                (Path(tmp) / MARKER).write_text(marker)
                 _fsync_tree(Path(tmp))
-            return self._publish(key, tmp, info, rels=[rel for rel, _, _ in entries])
+            return self._publish(key, tmp, info, rels=[rel for rel, _, _ in entries], marker=marker)
         finally:
             self._remove_tmp(tmp)
 
@@ -202,7 +235,12 @@ class ArtifactStore:
         return self._fs.open(path, "wb")
 
     def _publish(
-        self, key: str, tmp: str, info: ArtifactInfo, rels: list[str] | None = None
+        self,
+        key: str,
+        tmp: str,
+        info: ArtifactInfo,
+        rels: list[str] | None = None,
+        marker: str | None = None,
     ) -> ArtifactInfo:
         """The one step that makes a finished temporary artifact visible."""
         final = self._path(key)
@@ -224,7 +262,7 @@ class ArtifactStore:
             for rel in rels:
                 self._fs.mv(f"{tmp}/{rel}", f"{final}/{rel}")
             with self._fs.open(f"{final}/{MARKER}", "wb") as f:
-                f.write(info.sha256.encode())
+                f.write((marker or info.sha256).encode())
         return info
 
     def _same_or_conflict(self, key: str, info: ArtifactInfo) -> ArtifactInfo:
@@ -281,8 +319,16 @@ class ArtifactStore:
             with self._open_read(path) as f:
                 got, total = _hash_stream(f)
         if got != expected_sha256:
+            changed = []
+            if is_dir:
+                try:
+                    with self._open_read(f"{path}/{MARKER}") as f:
+                        changed = _changed_files(f.read().decode("utf-8", "replace"), entries)
+                except (OSError, ValueError):  # no marker, or a damaged one: no names then
+                    changed = []
             raise CheckpointError(
                 f"artifact {key!r}: checksum mismatch, expected sha256 {expected_sha256}, got {got}"
+                + (f" ({'; '.join(changed)})" if changed else "")
             )
         return ArtifactInfo(self.uri(key), got, total)
 

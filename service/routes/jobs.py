@@ -19,6 +19,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select
 
+from kronlink.contract import check_name
 from kronlink.errors import ConfigError, DataFormatError
 from kronlink.registry import JobState, get_job, list_jobs, request_cancel
 from kronlink.registry.models import ModelVersion
@@ -61,6 +62,11 @@ class JobForm(BaseModel):
     @classmethod
     def _unicode(cls, v: Any) -> Any:
         return valid_text(v) if isinstance(v, str) else v
+
+    @field_validator("task", "lineage", "ontology_name", mode="after")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v)
 
 
 def _json_object(name: str, text: str | None) -> dict[str, Any] | None:

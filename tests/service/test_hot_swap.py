@@ -18,12 +18,25 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from conftest import make_registry, service_settings
-from service_factories import admin, jsonl, live_server, register_version, wait_until
+from service_factories import (
+    admin,
+    jsonl,
+    live_server,
+    make_registry,
+    register_version,
+    service_settings,
+    wait_until,
+)
 
 from kronlink.contract import UpdateJobSpec
 from kronlink.data.io import concept_to_dict, query_to_dict, save_task
-from kronlink.registry import create_job, get_job, get_version
+from kronlink.registry import (
+    activate_version,
+    create_job,
+    get_job,
+    get_version,
+    lineage_transaction,
+)
 from kronlink.settings import Settings
 from service import create_app
 from worker.job import JobContext, Outcome, run_job
@@ -231,7 +244,10 @@ def test_a_corrupt_version_is_reported_and_the_old_one_keeps_serving(tmp_path) -
         weights.write_bytes(bytes(data))
 
         r = c.post(f"/v1/versions/{v2.id}/activate", headers=admin())
-        assert r.status_code == 200
+        assert r.status_code == 409 and "model.safetensors" in r.json()["detail"]
+        # activated anyway, past the API (the CLI, a script on the database)
+        with lineage_transaction(reg.factory, "main") as s:
+            activate_version(s, v2.id, actor="test", reason="past the API")
 
         def reported():
             check = c.get("/readyz").json()["checks"]["model:main"]
