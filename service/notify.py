@@ -4,36 +4,23 @@ An activation through any replica publishes ``{"lineage", "version_id"}`` on
 :data:`CHANNEL`; every replica listening looks up the active version at once
 instead of at its next poll. The poll stays the source of truth: a lost
 notice (Redis restarting, a replica reconnecting) costs at most one
-``model_poll_s``. Activations made by the worker are found by the poll.
+``model_poll_s``, and a listener that subscribes again looks at once.
+The worker publishes too when a job activates its version
+(``kronlink/notices.py``, shared by both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
+
+from kronlink.notices import CHANNEL, publish
 
 __all__ = ["CHANNEL", "listen", "publish"]
 
 log = logging.getLogger(__name__)
-
-CHANNEL = "kronlink:activations"
-
-
-def publish(url: str, lineage: str, version_id: int) -> None:
-    """Blocking; errors are logged, never raised (the poll will catch up)."""
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            client.publish(CHANNEL, json.dumps({"lineage": lineage, "version_id": version_id}))
-        finally:
-            client.close()
-    except Exception as exc:
-        log.warning("activation notice not published (%s); replicas poll instead", exc)
 
 
 async def listen(url: str, on_notice: Callable[[], None]) -> None:
@@ -41,12 +28,16 @@ async def listen(url: str, on_notice: Callable[[], None]) -> None:
     import redis.asyncio as aioredis
 
     pause = 1.0
+    subscribed_before = False
     while True:
         client = aioredis.Redis.from_url(url)
         try:
             pubsub = client.pubsub()
             await pubsub.subscribe(CHANNEL)
             pause = 1.0
+            if subscribed_before:  # notices sent while we were away are lost: look now
+                on_notice()
+            subscribed_before = True
             async for message in pubsub.listen():
                 if message.get("type") == "message":
                     on_notice()

@@ -21,6 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kronlink.errors import CheckpointError, ConfigError, DataFormatError, KronlinkError
@@ -51,6 +53,7 @@ TITLES = {
     "not-found": "Not found",
     "method-not-allowed": "Method not allowed",
     "conflict": "Conflict",
+    "corrupt-artifact": "Corrupt artifact",
     "payload-too-large": "Request too large",
     "unsupported-media-type": "Unsupported media type",
     "too-many-requests": "Too many requests",
@@ -129,6 +132,16 @@ def _safe(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _message(error: dict[str, Any]) -> str:
+    if error.get("type") == "string_unicode":
+        # pydantic's own words ("unable to parse raw data") do not say what to fix
+        return (
+            "contains an unpaired surrogate (a \\ud800-\\udfff escape without its pair); "
+            "send valid Unicode"
+        )
+    return str(error.get("msg", ""))
+
+
 def validation_problem(exc: RequestValidationError) -> ProblemError:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -140,8 +153,7 @@ def validation_problem(exc: RequestValidationError) -> ProblemError:
             f"the body is not valid JSON ({_safe(str(reason))}); send one JSON object",
         )
     fields = [
-        FieldError(loc=_safe(_loc(e.get("loc", ()))), message=_safe(str(e.get("msg", ""))))
-        for e in errors
+        FieldError(loc=_safe(_loc(e.get("loc", ()))), message=_safe(_message(e))) for e in errors
     ]
     first = fields[0] if fields else None
     detail = (
@@ -189,13 +201,42 @@ def install_handlers(app: FastAPI) -> None:
     async def _library(request: Request, exc: KronlinkError) -> JSONResponse:
         return problem_response(request, from_library(exc))
 
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        # PostgreSQL restarting, a failover, a full pool: the caller can retry,
+        # so 503, not an internal error. The driver's message may name hosts
+        # and users: logged, not sent.
+        log.warning(
+            "registry database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            str(exc).splitlines()[0][:500],
+        )
+        return problem_response(
+            request,
+            ProblemError(
+                503,
+                "unavailable",
+                f"the registry database is unavailable ({type(exc).__name__}); loaded "
+                "models keep answering /v1/link; retry after Retry-After seconds "
+                "(GET /readyz shows the database check)",
+                headers={"Retry-After": "5"},
+            ),
+        )
+
+    for db_error in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(db_error, _database)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
             exc.status_code, "http-error"
         )
         detail = str(exc.detail)
-        if exc.status_code == 404 and detail == "Not Found":
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            # FastAPI's words for a JSON body that is not UTF-8 (json.loads never saw it)
+            kind = "malformed-json"
+            detail = "the body is not UTF-8 text; send one JSON object encoded as UTF-8"
+        elif exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path}; GET /docs lists the routes"
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from kronlink.contract import UpdateMessage
+from kronlink.notices import publishes
 from kronlink.registry import ArtifactStore, create_engine_from_url, make_session_factory
 from kronlink.settings import Settings
 from service.batching import MicroBatcher
@@ -120,7 +121,7 @@ class ServiceState:
         await self.refresh_models()  # serve at once when a version is active
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch(), name="kronlink-model-watcher"))
-        if s.broker.startswith(("redis://", "rediss://")):
+        if publishes(s.broker):
             from service.notify import listen
 
             self._tasks.append(

@@ -17,7 +17,7 @@ import threading
 import time
 from functools import lru_cache
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import worker_ready
 
 from kronlink.contract import SWEEP_TASK, UPDATE_TASK
@@ -53,7 +53,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         worker_hijack_root_logger=True,
         broker_heartbeat=0,  # the job row has its own heartbeat
+        # A broker restart must not cancel a training run (Celery 6 will by
+        # default): the job row, not the message, owns the job, and the
+        # reconnect sweep (_ResendAfterReconnect) re-sends what the broker lost.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+    app.steps["consumer"].add(_ResendAfterReconnect)
     return app
 
 
@@ -74,19 +79,45 @@ def job_context():
     )
 
 
-@worker_ready.connect
-def _on_worker_ready(sender=None, **_: object) -> None:
-    """At start: sweep stale staged data, recover lost jobs, re-send queued ones;
-    then keep sweeping every ``sweep_interval_s`` beside the jobs."""
+def _sweep_and_resend(when: str) -> None:
+    """Sweep, then send every queued job's message again: the broker may have
+    lost them (Redis restarted without persistence). A message that survived
+    becomes a duplicate, which the job row's claim turns into a no-op."""
     from worker.sweep import sweep
 
     try:
         report = sweep(job_context())
-        log.info("startup sweep: %s", report)
+        log.info("%s sweep: %s", when, report)
         for job_id, lineage in report.queued:
             app.send_task(UPDATE_TASK, kwargs={"job_id": job_id, "lineage": lineage})
     except Exception:
-        log.exception("startup sweep failed")
+        log.exception("%s sweep failed", when)
+
+
+class _ResendAfterReconnect(bootsteps.StartStopStep):
+    """Runs each time the consumer connects to the broker. The first time is
+    the startup sweep's (``worker_ready``); every later one follows a lost
+    connection, after which a broker without persistence holds none of the
+    queued messages: without a re-send those jobs would stay queued until
+    some worker restarted."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self.connections = 0
+
+    def start(self, parent: object) -> None:
+        self.connections += 1
+        if self.connections > 1:
+            _sweep_and_resend("reconnect")
+
+
+@worker_ready.connect
+def _on_worker_ready(sender=None, **_: object) -> None:
+    """At start: sweep stale staged data, recover lost jobs, re-send queued ones;
+    then keep sweeping every ``sweep_interval_s`` beside the jobs."""
+    _sweep_and_resend("startup")
     interval = get_settings().sweep_interval_s
     if interval > 0:
         threading.Thread(
@@ -97,7 +128,8 @@ def _on_worker_ready(sender=None, **_: object) -> None:
 def _sweep_forever(interval: float) -> None:
     """Without it, staged data of a dead job and a lost lease wait for the next
     worker start or job. Queued jobs are not re-sent here: their messages are
-    in the broker (a broker that lost them is the startup sweep's case), and
+    in the broker (a broker that lost them is the startup and reconnect
+    sweeps' case, ``_sweep_and_resend``), and
     a re-send every interval would pile up duplicates behind a long job. A job
     this sweep requeued is re-sent once: its dead worker consumed its message."""
     from worker.sweep import sweep

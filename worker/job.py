@@ -11,6 +11,7 @@ ending; docs/worker.md lists the guarantees and how each is enforced.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import shutil
@@ -28,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kronlink.contract import UpdateJobSpec
 from kronlink.data.io import ONTOLOGY_FILE
 from kronlink.errors import DataFormatError, KronlinkError
+from kronlink.notices import publish, publishes
 from kronlink.registry import (
     ArtifactInfo,
     ArtifactStore,
@@ -103,6 +105,7 @@ class _Run:
     stop: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
+    activated: int | None = None  # the version the commit activated, for the notice
     _last_progress: float = 0.0
     _phase: str | None = None
 
@@ -132,6 +135,16 @@ class _Run:
         except LeaseLostError:
             self.lost.set()
             self.stop.set()
+        except Exception as exc:
+            # A database hiccup (PostgreSQL restarting) must not end a training
+            # run that is fine: progress is a report, the commit is what counts,
+            # and the heartbeat keeps the lease meanwhile (or loses it, above).
+            log.warning(
+                "job %s: progress not recorded (%s: %s)",
+                self.job.id,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200],
+            )
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
@@ -249,6 +262,10 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
     # which the sweep deletes at once (sweep_staged).
     if staged is not None:
         _audit_deleted(ctx, claimed, delete_staged(staged), ending.state.value)
+    # replicas swap now rather than at their next registry poll
+    activated = run.activated if run is not None else None
+    if ending.state is JobState.SUCCEEDED and activated is not None and publishes(settings.broker):
+        publish(settings.broker, claimed.lineage, activated)
     return Outcome(ending.state.value)
 
 
@@ -319,6 +336,17 @@ def _discard(store: ArtifactStore, keys: list[str]) -> None:
             store.delete(key)
         except Exception:
             log.warning("could not delete artifact %s", key, exc_info=True)
+
+
+def _write_error(store: ArtifactStore, key: str, exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    where = f"; at {exc.filename}" if exc.filename else ""
+    return (
+        f"cannot write artifact {key} to the artifact folder {store.root_url}: "
+        f"[Errno {exc.errno}] {code} {exc.strerror or exc}{where}; nothing was committed "
+        "and the active version is unchanged: free space or make the folder writable, "
+        "then submit a new job"
+    )
 
 
 def _timed(run: _Run, phase: str):
@@ -423,17 +451,20 @@ def _execute(run: _Run) -> tuple[Callable[[Session], _Ending | None], list[str]]
             result.new_state.save(
                 scratch / "out-state.safetensors", dtype=request.state_torch_dtype
             )
-            written.append(vkey)
-            model_art = store.put_dir(vkey, scratch / "out-model")
-            written.append(skey)
-            state_art = store.put_file(skey, scratch / "out-state.safetensors")
-            onto_art = None
             with ctx.factory.begin() as s:
                 known = {o.name for o in list_ontologies(s)}
-            if onto_name not in known:  # kept for the service's candidate generation
-                okey = f"ontologies/{onto_name}/{attempt}"
-                written.append(okey)
-                onto_art = store.put_file(okey, run.staged / ONTOLOGY_FILE)
+            try:
+                written.append(vkey)
+                model_art = store.put_dir(vkey, scratch / "out-model")
+                written.append(skey)
+                state_art = store.put_file(skey, scratch / "out-state.safetensors")
+                onto_art = None
+                if onto_name not in known:  # kept for the service's candidate generation
+                    okey = f"ontologies/{onto_name}/{attempt}"
+                    written.append(okey)
+                    onto_art = store.put_file(okey, run.staged / ONTOLOGY_FILE)
+            except OSError as e:  # a full or read-only artifact folder: say which, and why
+                raise _Ending(JobState.FAILED, _write_error(store, written[-1], e)) from e
     except BaseException:
         if "written" in locals():
             _discard(store, written)
@@ -485,6 +516,7 @@ def _execute(run: _Run) -> tuple[Callable[[Session], _Ending | None], list[str]]
         add_task_state(s, v.id, task_id, state_art)
         if result.gate_passed:
             activate_version(s, v.id, actor=ctx.owner, reason=f"job {job.id}")
+            run.activated = v.id
             return None
         error = f"quality gate failed: test accuracy {summary['test'] and summary['test']['accuracy']} < {spec.quality_gate}"
         mark_version_failed(s, v.id, error=error, actor=ctx.owner)

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Path, Query
 
+from kronlink.errors import CheckpointError
+from kronlink.notices import publishes
 from kronlink.registry import (
     VersionState,
     activate_version,
@@ -20,7 +22,7 @@ from kronlink.registry import (
     list_versions,
 )
 from service.deps import AdminDep, ReaderDep, StateDep
-from service.problems import problem_responses
+from service.problems import ProblemError, problem_responses
 from service.schemas import (
     MAX_DB_ID,
     ActivateRequest,
@@ -80,7 +82,7 @@ def version(version_id: VersionId, state: StateDep, _: ReaderDep) -> VersionOut:
 @router.post(
     "/v1/versions/{version_id}/activate",
     response_model=VersionOut,
-    responses=problem_responses(400, 401, 403, 404, 409, 422),
+    responses=problem_responses(400, 401, 403, 404, 409, 422, 503),
     summary="Make a version active: promote a candidate or roll back to a retired one",
 )
 def activate(
@@ -92,17 +94,48 @@ def activate(
     """The previous active version of the lineage retires; the audit log records
     who, when and why (``promoted`` or ``rolled_back``). Replicas swap to it
     within ``KRONLINK_MODEL_POLL_S`` (this one at once). A failed version
-    cannot be activated (409)."""
+    cannot be activated (409), nor one whose stored files fail their sha256
+    check (409 ``corrupt-artifact``, naming the files)."""
     reason = body.reason if body is not None else None
+    _check_artifact(state, version_id)
     with state.factory.begin() as s:
         v = activate_version(s, version_id, actor="api", reason=reason or "api")
     asyncio.run_coroutine_threadsafe(_after_activation(state, v.lineage, v.id), state.loop)
     return VersionOut.of(v, _served(state))
 
 
+def _check_artifact(state: ServiceState, version_id: int) -> None:
+    """Refuse to activate a version whose stored files no longer match their
+    checksum: every replica would refuse to load it and keep serving the old
+    one, while the registry said otherwise. Re-hashes the artifact (seconds
+    for the largest models; activation is rare)."""
+    with state.factory.begin() as s:
+        v = get_version(s, version_id)
+    if v.state in (VersionState.ACTIVE, VersionState.FAILED):
+        return  # nothing changes, or activate_version refuses it
+    try:
+        state.store.verify(state.store.key_of(v.artifact.uri), v.artifact.sha256)
+    except CheckpointError as exc:
+        raise ProblemError(
+            409,
+            "corrupt-artifact",
+            f"version {v.number} (id {v.id}) of lineage {v.lineage!r} was not activated: its "
+            f"stored model is corrupt or incomplete: {exc}. Nothing changed; activate another "
+            "version, or restore the files or re-run the job that produced it",
+        ) from None
+    except OSError as exc:
+        raise ProblemError(
+            503,
+            "unavailable",
+            f"version {v.number} (id {v.id}) was not activated: its artifact cannot be read "
+            f"now ({type(exc).__name__}: {exc}); retry, or check the artifact store",
+            headers={"Retry-After": "5"},
+        ) from None
+
+
 async def _after_activation(state: ServiceState, lineage: str, version_id: int) -> None:
     state.nudge()
-    if state.settings.broker.startswith(("redis://", "rediss://")):
+    if publishes(state.settings.broker):
         from service.notify import publish
 
         await asyncio.to_thread(publish, state.settings.broker, lineage, version_id)

@@ -224,3 +224,78 @@ def test_a_lost_lease_leaves_the_data_to_the_next_attempt(
     assert job.attempts == 2
     assert not (settings.staging_path / staged_id).exists()
     assert len(deleted_rows(ctx, job_id)) == 1
+
+
+def test_an_activating_job_publishes_a_notice_on_redis(settings: Settings) -> None:
+    """With a Redis broker, the worker tells the replicas of the version it
+    activated (they swap at once instead of at their next poll); a job that
+    fails activates nothing and says nothing. Real Redis, on a channel the
+    test listens to."""
+    import json
+    import os
+
+    import pytest
+    import redis
+
+    from kronlink.notices import CHANNEL
+    from kronlink.registry import ArtifactStore, create_engine_from_url, make_session_factory
+    from kronlink.registry import upgrade as migrate
+
+    url = os.environ.get("KRONLINK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Redis at {url} is unreachable ({exc}); CI=true requires it")
+        pytest.skip(f"Redis at {url} is unreachable ({exc})")
+    lineage = f"notice-{os.getpid()}-{time.monotonic_ns()}"  # other tests share the channel
+    s = settings.model_copy(update={"broker_url": url})
+    migrate(s.database)
+    engine = create_engine_from_url(s.database)
+    ctx = JobContext(
+        settings=s,
+        factory=make_session_factory(engine),
+        store=ArtifactStore(s.artifact_url),
+        owner="test-worker",
+    )
+    s.staging_path.mkdir(parents=True, exist_ok=True)
+    sub = client.pubsub()
+    sub.subscribe(CHANNEL)
+    assert sub.get_message(timeout=2)["type"] == "subscribe"
+
+    def run(task: str, seed: int, **spec) -> int:
+        payload = UpdateJobSpec(
+            task_name=task,
+            staged_id=stage(s, make_task(task, seed)),
+            train=TINY_TRAIN,
+            ranker=TINY_RANKER,
+            **spec,
+        ).model_dump(mode="json")
+        with ctx.factory.begin() as session:
+            job, _ = create_job(session, lineage=lineage, payload=payload)
+        run_job(ctx, job.id)
+        return job.id
+
+    def notices() -> list[dict]:
+        out = []
+        while (m := sub.get_message(timeout=1)) is not None:
+            if m["type"] == "message":
+                body = json.loads(m["data"])
+                if body["lineage"] == lineage:
+                    out.append(body)
+        return out
+
+    try:
+        run("alpha", 1, method="none")
+        with ctx.factory.begin() as session:
+            v1 = active_version(session, lineage)
+        assert notices() == [{"lineage": lineage, "version_id": v1.id}]
+        run("beta", 2, method="kfc", lambdas=10.0, quality_gate=1.0)  # the gate fails it
+        with ctx.factory.begin() as session:
+            assert active_version(session, lineage).id == v1.id
+        assert notices() == []
+    finally:
+        sub.close()
+        client.close()
+        engine.dispose()
