@@ -32,7 +32,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kronlink.contract import UpdateJobSpec, UpdateMessage
-from kronlink.errors import ConfigError, KronlinkError
+from kronlink.data.schema import Task
+from kronlink.errors import ConfigError, DataFormatError, KronlinkError
 from kronlink.registry import AuditAction, JobInfo, create_job, record_audit
 from kronlink.settings import Settings
 
@@ -40,6 +41,7 @@ __all__ = [
     "EnqueueError",
     "Submission",
     "check_options",
+    "check_task",
     "dataset_digest",
     "parse_lambdas",
     "submit_dataset",
@@ -123,6 +125,27 @@ def check_options(options: Mapping[str, Any]) -> UpdateJobSpec:
     return spec
 
 
+def check_task(task: Task, folder: Path) -> None:
+    """Refuse a task an update cannot run on (its file parses, but the worker
+    would fail it after the job was queued): it needs queries in each of
+    train, dev and test."""
+    from kronlink.data.io import QUERIES_FILE
+    from kronlink.data.schema import SPLITS
+
+    sizes = {sp: len(task.split(sp)) for sp in SPLITS}
+    if all(sizes.values()):
+        return
+    unsplit = sum(1 for q in task.queries if q.split is None)
+    got = ", ".join(f"{sp} {n}" for sp, n in sizes.items())
+    raise DataFormatError(
+        f"an update job needs queries in each of train, dev and test; got {got}"
+        + (f" (and {unsplit} without a split)" if unsplit else "")
+        + ": set each query's split",
+        path=folder / QUERIES_FILE,
+        field="split",
+    )
+
+
 def submit_dataset(
     source: Path,
     options: Mapping[str, Any],
@@ -151,7 +174,8 @@ def submit_dataset(
         if not source.is_dir():
             raise ConfigError(f"dataset: expected a task folder (task.json, ...), got {source}")
         check_options(options)
-        load_task(source, max_bytes=settings.max_upload_bytes)  # refuse bad input before staging
+        # refuse bad input before staging
+        check_task(load_task(source, max_bytes=settings.max_upload_bytes), source)
         digest = dataset_digest(source)
         staged_id = uuid.uuid4().hex
         spec = UpdateJobSpec(**{**options, "staged_id": staged_id})
@@ -186,6 +210,7 @@ def submit_dataset(
                 payload=spec.model_dump(mode="json"),
                 idempotency_key=key,
                 actor=actor,
+                retry_ended=idempotency_key is None,  # a derived key: the same data may retry
             )
             if created:
                 size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())

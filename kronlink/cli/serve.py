@@ -17,18 +17,28 @@ import time
 
 
 def _ensure_admin_token() -> None:
-    """Development without KRONLINK_ADMIN_TOKEN: a token for this run, printed
-    once, so the admin routes are usable but never open. Production refuses
-    to start without one (Settings)."""
+    """Development without KRONLINK_ADMIN_TOKEN: a generated token, kept in
+    ``<data dir>/admin-token`` (mode 600) and reused by later runs, so the
+    admin routes are usable but never open. Only the file's path is printed:
+    logs are collected and kept where a token must not be. Production refuses
+    to start without a token (Settings)."""
     from kronlink.settings import get_settings
 
     settings = get_settings()
     if settings.admin_token is None and settings.environment == "development":
-        os.environ["KRONLINK_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
+        path = settings.data_path / "admin-token"
+        if path.is_file() and path.read_text().strip():
+            token = path.read_text().strip()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            token = secrets.token_urlsafe(24)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+        os.environ["KRONLINK_ADMIN_TOKEN"] = token
         get_settings.cache_clear()
         print(
-            "kronlink: no KRONLINK_ADMIN_TOKEN set; admin token for this run: "
-            f"{os.environ['KRONLINK_ADMIN_TOKEN']}",
+            f"kronlink: no KRONLINK_ADMIN_TOKEN set; the admin token is in {path}",
             file=sys.stderr,
         )
 

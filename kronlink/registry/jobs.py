@@ -78,6 +78,7 @@ def create_job(
     idempotency_key: str | None = None,
     kind: str = "update",
     actor: str = "system",
+    retry_ended: bool = False,
 ) -> tuple[JobInfo, bool]:
     """Queue a job; returns ``(job, created)``.
 
@@ -85,11 +86,23 @@ def create_job(
     ``created=False`` whatever its state: a redelivered submission does
     nothing. Concurrent submissions with one key get one row (the unique
     index decides; the loser reads the winner's row).
+
+    ``retry_ended=True`` makes a job that failed or was cancelled not count:
+    the new job gets the key ``<key>#<ended job id>``, so the same data can be
+    submitted again after a full disk or a lost staging folder, while a
+    submission repeated during a live or successful job still returns it. For
+    keys kronlink derives from the data; a client's own key keeps the strict
+    rule.
     """
-    if idempotency_key is not None:
+    base = idempotency_key
+    while idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
-        if existing is not None:
-            return JobInfo.of(existing), False
+        if existing is None:
+            break
+        if retry_ended and existing.state in (JobState.FAILED, JobState.CANCELLED):
+            idempotency_key = f"{base}#{existing.id}"
+            continue
+        return JobInfo.of(existing), False
     lock_lineage(session, lineage)  # creates the lineage row; orders submissions
     row = Job(
         lineage=lineage,

@@ -42,6 +42,25 @@ def test_create_job_is_idempotent_on_its_key(session: Session) -> None:
     assert len(list_audit(session, action=AuditAction.JOB_SUBMITTED)) == 2
 
 
+def test_a_derived_key_lets_ended_jobs_be_submitted_again(session: Session) -> None:
+    failed, _ = create_job(session, lineage="main", idempotency_key="d", retry_ended=True)
+    claim_job(session, failed.id, owner="w", lease_s=LEASE_S)
+    finish_job(session, failed.id, JobState.FAILED, owner="w", error="disk full")
+    # the strict rule: the failed job is the answer
+    strict, created = create_job(session, lineage="main", idempotency_key="d")
+    assert strict.id == failed.id and not created
+    retry, created = create_job(session, lineage="main", idempotency_key="d", retry_ended=True)
+    assert created and retry.id != failed.id and retry.idempotency_key == f"d#{failed.id}"
+    # while the retry is live, submitting again returns it
+    again, created = create_job(session, lineage="main", idempotency_key="d", retry_ended=True)
+    assert again.id == retry.id and not created
+    claim_job(session, retry.id, owner="w", lease_s=LEASE_S)
+    finish_job(session, retry.id, JobState.CANCELLED, owner="w")
+    third, created = create_job(session, lineage="main", idempotency_key="d", retry_ended=True)
+    assert created and third.idempotency_key == f"d#{retry.id}"
+    session.commit()
+
+
 def test_claims_follow_submission_order_one_at_a_time(session: Session) -> None:
     j1, _ = create_job(session, lineage="main")
     j2, _ = create_job(session, lineage="main")

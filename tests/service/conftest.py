@@ -7,17 +7,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from service_factories import ADMIN, LiveServer, live_server
+from service_factories import LiveServer, Registry, live_server, make_registry, service_settings
 from sqlalchemy import create_engine, text
-from sqlalchemy.orm import Session, sessionmaker
 
-from kronlink.contract import UpdateMessage
-from kronlink.registry import ArtifactStore, create_engine_from_url, make_session_factory, upgrade
-from kronlink.settings import Settings
+from kronlink.registry import upgrade
 from service import create_app
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,14 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PG_ADMIN_URL = os.environ.get(
     "KRONLINK_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-
-
-@dataclass
-class Registry:
-    settings: Settings
-    factory: sessionmaker[Session]
-    store: ArtifactStore
-    sent: list[UpdateMessage] = field(default_factory=list)  # what the app enqueued
 
 
 @pytest.fixture(scope="session")
@@ -61,24 +49,6 @@ def pg_database() -> Iterator[str]:
 
 
 TABLES = "audit_log, task_states, model_versions, jobs, tasks, ontologies, lineages"
-
-
-def service_settings(tmp_path: Path, **overrides) -> Settings:
-    values = {
-        "data_dir": tmp_path / "data",
-        "admin_token": ADMIN,
-        "model_poll_s": 0.2,
-        "log_format": "text",
-        "torch_threads": 1,
-        **overrides,
-    }
-    return Settings(**values)
-
-
-def make_registry(settings: Settings) -> Registry:
-    upgrade(settings.database)
-    engine = create_engine_from_url(settings.database)
-    return Registry(settings, make_session_factory(engine), ArtifactStore(settings.artifact_url))
 
 
 @pytest.fixture(params=["sqlite"])

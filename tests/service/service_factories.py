@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -19,6 +19,7 @@ import torch
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
+from kronlink.contract import UpdateMessage
 from kronlink.data.io import write_ontology
 from kronlink.data.schema import Concept
 from kronlink.models import build_ranker
@@ -28,13 +29,17 @@ from kronlink.registry import (
     VersionInfo,
     activate_version,
     active_version,
+    create_engine_from_url,
     create_ontology,
     create_task,
     create_version,
     get_ontology,
     get_task,
     lineage_transaction,
+    make_session_factory,
+    upgrade,
 )
+from kronlink.settings import Settings
 
 ADMIN = "admin-token-0123456789abcdef"
 READ = "read-token-0123456789abcdef"
@@ -150,3 +155,29 @@ def wait_until(predicate, timeout_s: float = 10, interval_s: float = 0.05):
 
 def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@dataclass
+class Registry:
+    settings: Settings
+    factory: sessionmaker[Session]
+    store: ArtifactStore
+    sent: list[UpdateMessage] = field(default_factory=list)  # what the app enqueued
+
+
+def service_settings(tmp_path: Path, **overrides) -> Settings:
+    values = {
+        "data_dir": tmp_path / "data",
+        "admin_token": ADMIN,
+        "model_poll_s": 0.2,
+        "log_format": "text",
+        "torch_threads": 1,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def make_registry(settings: Settings) -> Registry:
+    upgrade(settings.database)
+    engine = create_engine_from_url(settings.database)
+    return Registry(settings, make_session_factory(engine), ArtifactStore(settings.artifact_url))

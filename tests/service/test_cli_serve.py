@@ -57,7 +57,10 @@ def test_up_starts_service_and_worker_and_ctrl_c_stops_both(tmp_path) -> None:
         wait_until(healthy, timeout_s=60, interval_s=0.3)
         assert proc.poll() is None, log.read_text()
         text = log.read_text()
-        token = re.search(r"admin token for this run: (\S+)", text).group(1)
+        token_file = Path(re.search(r"the admin token is in (\S+)", text).group(1))
+        token = token_file.read_text().strip()
+        assert token not in text  # only the file's path reaches the log
+        assert token_file.stat().st_mode & 0o777 == 0o600
         pids = [int(p) for p in re.findall(r"started \(pid (\d+)\)", text)]
         assert len(pids) == 2
         # the generated token opens the admin routes; nothing else does

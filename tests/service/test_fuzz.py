@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from conftest import Registry, make_registry, service_settings
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -22,7 +21,15 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from service_factories import admin, live_server, register_version, wait_until
+from service_factories import (
+    Registry,
+    admin,
+    live_server,
+    make_registry,
+    register_version,
+    service_settings,
+    wait_until,
+)
 
 from service import create_app
 

@@ -8,8 +8,7 @@ import os
 import time
 
 import pytest
-from conftest import make_registry, service_settings
-from service_factories import ADMIN, admin, jsonl, live_server
+from service_factories import ADMIN, admin, jsonl, live_server, make_registry, service_settings
 
 from kronlink.contract import UpdateJobSpec
 from kronlink.registry import AuditAction, JobState, list_audit, list_jobs

@@ -8,8 +8,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import make_registry, service_settings
-from service_factories import ADMIN, READ, live_server, register_version, wait_until
+from service_factories import (
+    ADMIN,
+    READ,
+    live_server,
+    make_registry,
+    register_version,
+    service_settings,
+    wait_until,
+)
 
 from kronlink.registry import create_ontology, lineage_transaction
 from service import create_app

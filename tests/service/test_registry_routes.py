@@ -4,8 +4,15 @@ metrics over real HTTP, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_registry, service_settings
-from service_factories import ADMIN, admin, live_server, register_version, wait_until
+from service_factories import (
+    ADMIN,
+    admin,
+    live_server,
+    make_registry,
+    register_version,
+    service_settings,
+    wait_until,
+)
 
 from kronlink.registry import AuditAction, list_audit, mark_version_failed
 from service import create_app
