@@ -22,26 +22,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from link import query
+from link import NAMES, query, tree_pids
 
 from kronlink.data.schema import Candidate, Concept, Query, Task
 
 REPO = Path(__file__).resolve().parents[1]
 
 CONCEPT_NAMES = [
-    "essential hypertension",
-    "type 2 diabetes mellitus",
+    *NAMES,  # bench/link.py's, and a few more so BM25 has some to choose from
     "type 1 diabetes mellitus",
-    "angina pectoris",
-    "acute myocardial infarction",
-    "chest pain unspecified",
-    "gastroesophageal reflux disease",
-    "costochondritis",
-    "pulmonary embolism",
-    "anxiety disorder",
-    "musculoskeletal pain",
-    "pericarditis",
-    "aortic dissection",
     "asthma",
     "migraine",
     "fever",
@@ -78,24 +67,6 @@ def make_task(name: str, seed: int, sizes: tuple[int, int, int], k: int) -> Task
 
 
 # -- processes ----------------------------------------------------------------
-def tree_pids(root: int) -> list[int]:
-    """``root`` and its descendants (Linux /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[1])
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += [p for p, pp in parents.items() if pp == pid]
-    return out
-
-
 def tree_rss_mib(root: int) -> float:
     """Sum of VmRSS over a process and its children (the Celery worker's pool
     children included, should it have any), in MiB."""

@@ -142,23 +142,34 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def cpu_seconds(root: int) -> float:
-    """utime + stime of a process and its descendants (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    total, todo = 0, [root]
+            parents[int(entry.name)] = int(stat[1])
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += stats.get(pid, (0, 0))[1]
-        todo += [p for p, (ppid, _) in stats.items() if ppid == pid]
-    return total / tick
+        out.append(pid)
+        todo += [p for p, pp in parents.items() if pp == pid]
+    return out
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime of a process and its descendants (Linux /proc)."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended since
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- in-process ---------------------------------------------------------------

@@ -17,9 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ for _folder in ("worker", "service"):  # their factories (unique basenames, no c
     if str(REPO / "tests" / _folder) not in sys.path:
         sys.path.append(str(REPO / "tests" / _folder))
 
-from service_factories import ADMIN, free_port  # noqa: E402
+from service_factories import ADMIN, free_port, wait_until  # noqa: E402
 from worker_factories import TINY_RANKER, TINY_TRAIN, make_task  # noqa: E402
 
 from kronlink.data.io import save_task  # noqa: E402
@@ -49,20 +47,6 @@ from worker.job import JobContext  # noqa: E402
 
 GATE_DIR = Path(__file__).resolve().parent / "gate"
 TIMEOUT_S = 60.0
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1
-) -> Any:
-    """Poll ``predicate`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:g} s")
-        time.sleep(interval_s)
 
 
 def unavailable(kind: str, reason: str) -> None:
@@ -90,7 +74,7 @@ class RedisServer:
         argv += ["--save", "", "--appendonly", "no", "--dir", str(self.folder)]
         with open(self.folder / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
-        wait_for(self.ping, 10, f"redis-server on port {self.port}", 0.05)
+        wait_until(self.ping, 10, f"redis-server on port {self.port}", 0.05)
 
     def ping(self) -> bool:
         import redis
@@ -284,7 +268,7 @@ class Deployment:
             return job if job.finished else None
 
         try:
-            return wait_for(finished, timeout_s, f"job {job_id} finished", 0.2)
+            return wait_until(finished, timeout_s, f"job {job_id} finished", 0.2)
         except AssertionError:
             tails = "\n".join(
                 f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs
@@ -425,7 +409,7 @@ def wait_worker_ready(worker: Child, timeout_s: float = TIMEOUT_S) -> None:
         assert worker.alive(), worker.tail()
         return " ready." in worker.log.read_text(errors="replace")
 
-    wait_for(ready, timeout_s, "the worker ready", 0.1)
+    wait_until(ready, timeout_s, "the worker ready", 0.1)
 
 
 def start_service(dep: Deployment, port: int, log: Path) -> Child:
@@ -442,7 +426,7 @@ def wait_ready(url: str, child: Child, timeout_s: float = TIMEOUT_S) -> dict:
             return None
         return r.json() if r.status_code == 200 else None
 
-    return wait_for(ready, timeout_s, f"{url} ready", 0.1)
+    return wait_until(ready, timeout_s, f"{url} ready", 0.1)
 
 
 def wait_gate(dep: Deployment, worker: Child, timeout_s: float = TIMEOUT_S) -> None:
@@ -452,7 +436,7 @@ def wait_gate(dep: Deployment, worker: Child, timeout_s: float = TIMEOUT_S) -> N
         assert worker.alive(), worker.tail()
         return (dep.tmp / "gate.reached").exists()
 
-    wait_for(reached, timeout_s, "the job reached training", 0.05)
+    wait_until(reached, timeout_s, "the job reached training", 0.05)
 
 
 def release_gate(dep: Deployment) -> None:

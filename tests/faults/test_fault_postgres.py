@@ -16,12 +16,11 @@ from fault_procs import (
     release_gate,
     start_service,
     start_worker,
-    wait_for,
     wait_gate,
     wait_ready,
     wait_worker_ready,
 )
-from service_factories import admin, free_port
+from service_factories import admin, free_port, wait_until
 from worker_procs import bootstrap_v1
 
 from kronlink.registry import JobState
@@ -83,12 +82,12 @@ def test_postgres_restart_while_serving_and_training(
         assert worker.alive(), worker.tail()
         pg_cluster.start()
         up = time.monotonic()
-        wait_for(lambda: client.get("/v1/versions").status_code == 200, 15, "routes back")
+        wait_until(lambda: client.get("/v1/versions").status_code == 200, 15, "routes back")
         routes_back_s = time.monotonic() - up
         done = dep.wait_finished(job, [worker.log, api.log])
         assert (done.state, done.error) == (JobState.SUCCEEDED, None), worker.tail()
         wait_ready(url, api, timeout_s=10)
-        wait_for(
+        wait_until(
             lambda: any(a.version_id != v1 and a.sent > up for a in load.answers()),
             10,
             "the new version served",

@@ -17,12 +17,11 @@ from fault_procs import (
     release_gate,
     start_service,
     start_worker,
-    wait_for,
     wait_gate,
     wait_ready,
     wait_worker_ready,
 )
-from service_factories import admin, free_port, register_version
+from service_factories import admin, free_port, register_version, wait_until
 
 from kronlink.registry import JobState, list_jobs
 
@@ -94,7 +93,7 @@ def test_redis_restart_while_serving(
     for url, child in zip(urls, children[:2], strict=True):
         wait_ready(url, child)
     wait_worker_ready(worker)
-    wait_for(lambda: _subscribers(redis_server) == 2, 20, "both replicas subscribed")
+    wait_until(lambda: _subscribers(redis_server) == 2, 20, "both replicas subscribed")
     api_a = httpx.Client(base_url=urls[0], timeout=30)
 
     def activate(version_id: int, reason: str) -> float:
@@ -107,7 +106,7 @@ def test_redis_restart_while_serving(
     url_a, url_b = urls
     with LinkLoad(url_a, url_b, pause_s=PACED) as load:
         t = activate(v2.id, "before the outage")
-        wait_for(lambda: load.serves(url_b, v2.id, t), 5, "replica b swapped by notice")
+        wait_until(lambda: load.serves(url_b, v2.id, t), 5, "replica b swapped by notice")
         swap_before_s = time.monotonic() - t
 
         redis_server.stop()
@@ -129,14 +128,14 @@ def test_redis_restart_while_serving(
         assert f"job {job.id} " in problem["detail"] and job.state == JobState.QUEUED
         assert dep.staged() == [job.payload["staged_id"]]  # kept for the re-send
         t = activate(v1.id, "during the outage")  # the notice is lost
-        wait_for(lambda: load.serves(url_a, v1.id, t), 3, "replica a swapped itself")
+        wait_until(lambda: load.serves(url_a, v1.id, t), 3, "replica a swapped itself")
         time.sleep(1.0)
         redis_server.start()
         up = time.monotonic()
         outage = up - down
-        wait_for(lambda: _subscribers(redis_server) == 2, 70, "both replicas subscribed again")
+        wait_until(lambda: _subscribers(redis_server) == 2, 70, "both replicas subscribed again")
         resubscribed_s = time.monotonic() - up
-        wait_for(lambda: load.serves(url_b, v1.id, t), 5, "replica b caught up on resubscribing")
+        wait_until(lambda: load.serves(url_b, v1.id, t), 5, "replica b caught up on resubscribing")
         caught_up_s = time.monotonic() - up
 
         done = dep.wait_finished(job.id, [worker.log])  # re-sent by the reconnected worker
@@ -146,7 +145,7 @@ def test_redis_restart_while_serving(
         with dep.ctx.factory.begin() as s:
             assert [j.id for j in list_jobs(s)] == [job.id]  # the same job, no second row
         t = activate(v2.id, "after the outage")
-        wait_for(lambda: load.serves(url_b, v2.id, t), 5, "replica b swapped by notice again")
+        wait_until(lambda: load.serves(url_b, v2.id, t), 5, "replica b swapped by notice again")
         swap_after_s = time.monotonic() - t
         during_a, during_b = load.between(down, up, url_a), load.between(down, up, url_b)
 

@@ -17,10 +17,9 @@ from fault_procs import (
     Child,
     Deployment,
     start_service,
-    wait_for,
     wait_ready,
 )
-from service_factories import admin, free_port, register_version
+from service_factories import admin, free_port, register_version, wait_until
 
 
 def test_replica_restarted_mid_load(tmp_path: Path, dep: Deployment, children: list[Child]) -> None:
@@ -75,7 +74,7 @@ def test_replica_restarted_mid_load(tmp_path: Path, dep: Deployment, children: l
         b3 = restart_b("sigkill", down)
         ready = httpx.get(f"{url_b}/readyz").json()
         assert ready["checks"]["model:main"]["version"]["id"] == v2.id, ready
-        wait_for(
+        wait_until(
             lambda: load.serves(url_b, v2.id, activated),
             5,
             "b serves the version activated while it was down",

@@ -9,29 +9,20 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import select
 import socket
 import time
-import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from service_factories import admin
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from kronlink.registry import upgrade
-
-PG_ADMIN_URL = os.environ.get(
-    "KRONLINK_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 BOUNDARY = "hostile-boundary-7f3a"
 # Registry tables and the columns that identify a row's state (timestamps
 # such as a lineage's locked_at change under a rolled-back lock and say nothing).
@@ -272,30 +263,3 @@ def endless(chunk: bytes, total: int) -> Iterator[bytes]:
     """``total`` bytes in ``chunk``s: as good as endless for a server with a small limit."""
     for _ in range(total // len(chunk)):
         yield chunk
-
-
-# -- a private PostgreSQL database --------------------------------------------
-@contextmanager
-def private_pg_database() -> Iterator[str]:
-    """A fresh, migrated database of its own (dropped at the end): a module's
-    long-lived server must not share one that other tests truncate."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        msg = f"PostgreSQL at {PG_ADMIN_URL} is unreachable ({type(exc).__name__}: {exc})"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + "; CI=true requires it", pytrace=False)
-        pytest.skip(msg)
-    name = f"kronlink_hostile_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = admin.url.set(database=name).render_as_string(hide_password=False)
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

@@ -4,19 +4,23 @@ worker registers them, a live uvicorn server on a free port, tiny datasets."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import torch
 import uvicorn
+from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from kronlink.contract import UpdateMessage
@@ -142,14 +146,20 @@ def live_server(app, *, timeout_s: float = 30) -> Iterator[LiveServer]:
         thread.join(timeout=15)
 
 
-def wait_until(predicate, timeout_s: float = 10, interval_s: float = 0.05):
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout_s: float = 10,
+    what: str = "condition",
+    interval_s: float = 0.05,
+) -> Any:
+    """Poll ``predicate`` until it returns something true; that value."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
+            raise AssertionError(f"{what}: not within {timeout_s:g} s")
         time.sleep(interval_s)
 
 
@@ -181,3 +191,35 @@ def make_registry(settings: Settings) -> Registry:
     upgrade(settings.database)
     engine = create_engine_from_url(settings.database)
     return Registry(settings, make_session_factory(engine), ArtifactStore(settings.artifact_url))
+
+
+PG_ADMIN_URL = os.environ.get(
+    "KRONLINK_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+# -- a private PostgreSQL database --------------------------------------------
+@contextmanager
+def private_pg_database(prefix: str = "kronlink_test") -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database (dropped at the end). Unreachable
+    PostgreSQL skips the test, or fails it under CI=true."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        msg = f"PostgreSQL at {PG_ADMIN_URL} is unreachable ({type(exc).__name__}: {exc})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; CI=true requires it", pytrace=False)
+        pytest.skip(msg)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = admin.url.set(database=name).render_as_string(hide_password=False)
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -35,7 +35,6 @@ from hostile_helpers import (
     endless,
     jsonl_bytes,
     multipart,
-    private_pg_database,
     problem,
     raw_post,
     staged_uploads,
@@ -45,6 +44,7 @@ from service_factories import (
     admin,
     live_server,
     make_registry,
+    private_pg_database,
     register_version,
     service_settings,
     wait_until,
@@ -63,7 +63,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     with ExitStack() as stack:
         overrides: dict[str, Any] = {"max_upload_bytes": LIMIT}
         if request.param == "postgresql":
-            overrides["database_url"] = stack.enter_context(private_pg_database())
+            overrides["database_url"] = stack.enter_context(private_pg_database("kronlink_hostile"))
         reg = make_registry(service_settings(root, **overrides))
         stack.callback(reg.factory.kw["bind"].dispose)
         v = register_version(reg.factory, reg.store, seed=1)

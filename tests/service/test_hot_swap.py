@@ -42,22 +42,11 @@ from service import create_app
 from worker.job import JobContext, Outcome, run_job
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO / "tests" / "worker") not in sys.path:  # the worker tests' tiny settings
+    sys.path.append(str(REPO / "tests" / "worker"))
+from worker_factories import TINY_RANKER, TINY_TRAIN  # noqa: E402
+
 SWAP_BOUND_S = 2.0
-TINY_RANKER = {
-    "kind": "cnn",
-    "tokenizer": None,
-    "embedding_dim": 8,
-    "channels": 8,
-    "hidden_size": 8,
-}
-TINY_TRAIN = {
-    "epochs": 1,
-    "batch_size": 16,
-    "lr": 0.003,
-    "head_lr": None,
-    "seed": 0,
-    "device": "cpu",
-}
 CANDS = [{"id": "fever", "name": "fever"}, {"id": "asthma", "name": "asthma"}]
 
 

@@ -226,11 +226,12 @@ def test_a_lost_lease_leaves_the_data_to_the_next_attempt(
     assert len(deleted_rows(ctx, job_id)) == 1
 
 
-def test_an_activating_job_publishes_a_notice_on_redis(settings: Settings) -> None:
+def test_an_activating_job_publishes_a_notice_on_redis(ctx: JobContext) -> None:
     """With a Redis broker, the worker tells the replicas of the version it
     activated (they swap at once instead of at their next poll); a job that
     fails activates nothing and says nothing. Real Redis, on a channel the
     test listens to."""
+    import dataclasses
     import json
     import os
 
@@ -238,8 +239,6 @@ def test_an_activating_job_publishes_a_notice_on_redis(settings: Settings) -> No
     import redis
 
     from kronlink.notices import CHANNEL
-    from kronlink.registry import ArtifactStore, create_engine_from_url, make_session_factory
-    from kronlink.registry import upgrade as migrate
 
     url = os.environ.get("KRONLINK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     client = redis.Redis.from_url(url, socket_connect_timeout=2)
@@ -250,16 +249,8 @@ def test_an_activating_job_publishes_a_notice_on_redis(settings: Settings) -> No
             pytest.fail(f"Redis at {url} is unreachable ({exc}); CI=true requires it")
         pytest.skip(f"Redis at {url} is unreachable ({exc})")
     lineage = f"notice-{os.getpid()}-{time.monotonic_ns()}"  # other tests share the channel
-    s = settings.model_copy(update={"broker_url": url})
-    migrate(s.database)
-    engine = create_engine_from_url(s.database)
-    ctx = JobContext(
-        settings=s,
-        factory=make_session_factory(engine),
-        store=ArtifactStore(s.artifact_url),
-        owner="test-worker",
-    )
-    s.staging_path.mkdir(parents=True, exist_ok=True)
+    s = ctx.settings.model_copy(update={"broker_url": url})
+    ctx = dataclasses.replace(ctx, settings=s)  # same registry, a Redis broker
     sub = client.pubsub()
     sub.subscribe(CHANNEL)
     assert sub.get_message(timeout=2)["type"] == "subscribe"
@@ -298,4 +289,3 @@ def test_an_activating_job_publishes_a_notice_on_redis(settings: Settings) -> No
     finally:
         sub.close()
         client.close()
-        engine.dispose()
