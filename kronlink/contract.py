@@ -9,16 +9,20 @@ folder under ``staged_id`` and is deleted when the job ends.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+
+from kronlink.penalties import PenaltyMethod
 
 __all__ = ["SWEEP_TASK", "UPDATE_TASK", "UpdateJobSpec", "UpdateMessage", "check_name"]
 
 UPDATE_TASK = "kronlink.update"  # runs one update job: kwargs = UpdateMessage
 SWEEP_TASK = "kronlink.sweep"  # deletes stale staged data, recovers lost jobs
 
+_Number = StrictInt | StrictFloat
 _STAGED_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -68,8 +72,9 @@ class UpdateJobSpec(BaseModel):
 
     task_name: str = Field(min_length=1, max_length=100)
     staged_id: str  # folder name under the staging dir (uuid4 hex)
-    method: Literal["none", "l2", "ewc", "kfc", "ekfac"] = "kfc"
-    lambdas: float | list[float] | Literal["auto"] = "auto"
+    method: PenaltyMethod = PenaltyMethod.KFC
+    # strict: True and "3" are not numbers here; checked finite and >= 0 below
+    lambdas: Literal["auto"] | _Number | list[_Number] = "auto"
     half_decades: bool = False
     quality_gate: float | None = Field(default=None, ge=0, le=1)
     # TrainConfig fields (epochs, batch_size, lr, seed, device...): names checked by the worker
@@ -82,6 +87,22 @@ class UpdateJobSpec(BaseModel):
     @classmethod
     def _names(cls, v: str | None) -> str | None:
         return None if v is None else check_name(v)
+
+    @field_validator("lambdas")
+    @classmethod
+    def _finite(cls, v: str | float | list[float]) -> str | float | list[float]:
+        # Refused at submission: the worker would fail the job only after it was queued.
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and not v:
+            raise ValueError("expected 'auto', a number or one number per prior task, got []")
+        values = v if isinstance(v, list) else [v]
+        bad = [x for x in values if not 0 <= x < math.inf]
+        if bad:
+            raise ValueError(
+                f"λ values must be finite numbers >= 0, got {', '.join(map(str, bad))}"
+            )
+        return [float(x) for x in values] if isinstance(v, list) else float(v)
 
     @field_validator("staged_id")
     @classmethod

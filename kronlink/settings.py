@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kronlink.errors import ConfigError
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "get_settings", "load_settings"]
 
 _HOUR = 3600
 _MIB = 1024 * 1024
@@ -84,6 +84,16 @@ class Settings(BaseSettings):
     bm25_candidates: int = Field(default=10, ge=1)  # generated when none are given
     ontologies_cached: int = Field(default=4, ge=1)  # BM25 indexes kept in memory
     log_format: Literal["json", "text"] = "json"
+
+    # -- operations hardening (issue 16; docs/operations.md) ----------------
+    log_level: str = "INFO"  # the service process's root level (kronlink serve --log-level)
+    # The HTTP edge (service/server.py): a request head over this many bytes
+    # gets 431; a request body with no byte for this long gets 408.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    # How long POST /v1/jobs waits for the broker before it answers 503 with
+    # Retry-After (the job row is kept; a worker's sweep re-sends it).
+    broker_connect_timeout_s: float = Field(default=0.3, gt=0)
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -205,7 +215,30 @@ class Settings(BaseSettings):
         }
 
 
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and ``overrides``), every refusal a
+    :class:`ConfigError` that names the variables: pydantic wraps the errors
+    of validators in its ``ValidationError``, which the CLI would print as a
+    traceback."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            ctx = e.get("ctx") or {}
+            if isinstance(ctx.get("error"), ConfigError):
+                problems.append(str(ctx["error"]))
+                continue
+            name = ".".join(str(p) for p in e.get("loc", ()))
+            where = f"KRONLINK_{name.upper()}" if name else "settings"
+            problems.append(f"{where}: {e.get('msg')}, got {e.get('input')!r}")
+        raise ConfigError("; ".join(problems)) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read from the environment once."""
-    return Settings()
+    """The process's settings, read from the environment once; a
+    :class:`ConfigError` when they are unsafe or malformed."""
+    return load_settings()

@@ -10,7 +10,6 @@ models and the batching loops start with the app's lifespan and stop with it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -83,21 +82,22 @@ def create_app(
     app.include_router(registry.router)
     app.include_router(health.router)
     app.include_router(dashboard_router)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, read_token=settings.read_token is not None)  # type: ignore[method-assign]
     return app
 
 
 def app_from_env() -> FastAPI:
-    """For ``uvicorn --factory`` and ``kronlink serve --workers N``: the entry
-    point of a server process, so it sets up logging when nothing has."""
+    """For ``uvicorn --factory`` and ``kronlink serve``: the entry point of a
+    server process, so it sets up the process's logging (format and level
+    from ``KRONLINK_LOG_FORMAT`` and ``KRONLINK_LOG_LEVEL``)."""
     settings = get_settings()
-    if not logging.getLogger().handlers:
-        configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level.upper())
     return create_app(settings)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, with every error as ``application/problem+json``."""
+def _openapi(app: FastAPI, *, read_token: bool) -> dict[str, Any]:
+    """FastAPI's document, with every error as ``application/problem+json``;
+    the read routes name their token only when this server sets one."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(
@@ -118,6 +118,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     problem = {PROBLEM_JSON: {"schema": {"$ref": ref}}}
     for path in doc.get("paths", {}).values():
         for op in path.values():
+            if not read_token and "security" in op:
+                op["security"] = [r for r in op["security"] if "ReadToken" not in r]
+                if not op["security"]:
+                    del op["security"]
             responses = op.setdefault("responses", {})
             for code, resp in responses.items():
                 content = resp.get("content", {})

@@ -57,6 +57,19 @@ class RequestMiddleware:
 
         method, path = scope["method"], scope["path"]
         try:
+            encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+            if encoding not in (b"", b"identity"):
+                await self._refuse(
+                    scope,
+                    send_with_id,
+                    ProblemError(
+                        415,
+                        "unsupported-media-type",
+                        f"compressed bodies are not accepted (Content-Encoding "
+                        f"{encoding.decode('latin-1')}): send the body uncompressed",
+                    ),
+                )
+                return
             if not self.streams_body(method, path):
                 receive = await self._limited(headers, receive, scope, send_with_id)
                 if receive is None:
@@ -127,14 +140,17 @@ class RequestMiddleware:
         return replay
 
     async def _too_large(self, scope: Scope, send: Send, what: str) -> None:
-        from starlette.requests import Request
-
         exc = ProblemError(
             413,
             "payload-too-large",
             f"the request body {what}; the limit is {self.max_body} bytes "
             "(KRONLINK_MAX_REQUEST_BYTES): send fewer items per request",
         )
+        await self._refuse(scope, send, exc)
+
+    async def _refuse(self, scope: Scope, send: Send, exc: ProblemError) -> None:
+        from starlette.requests import Request
+
         response = problem_response(Request(scope), exc)
         await response(scope, _no_receive, send)
 

@@ -233,15 +233,28 @@ def install_handlers(app: FastAPI) -> None:
         )
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == "There was an error parsing the body":
-            # FastAPI's words for a JSON body that is not UTF-8 (json.loads never saw it)
+            # FastAPI's words for any failure of json.loads but a syntax error:
+            # the cause says which
             kind = "malformed-json"
-            detail = "the body is not UTF-8 text; send one JSON object encoded as UTF-8"
+            if isinstance(exc.__cause__, RecursionError):
+                detail = (
+                    "the JSON body is nested too deeply for the parser; "
+                    "no request of this API nests more than a few levels"
+                )
+            else:
+                detail = "the body is not UTF-8 text; send one JSON object encoded as UTF-8"
         elif exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path}; GET /docs lists the routes"
-        elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}"
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            detail = (
+                f"{request.method} is not allowed on {request.url.path}; "
+                f"allowed: {', '.join(allowed)}"
+            )
         return problem_response(
-            request, ProblemError(exc.status_code, kind, detail, headers=dict(exc.headers or {}))
+            request, ProblemError(exc.status_code, kind, detail, headers=headers)
         )
 
     @app.exception_handler(Exception)
@@ -255,6 +268,20 @@ def install_handlers(app: FastAPI) -> None:
                 "the service failed to answer; the log has the details under this request_id",
             ),
         )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path: Starlette's own 405 names
+    only the first route that matched the path."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        # a path match of another method is PARTIAL, of this one FULL: both count
+        if route_methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(route_methods)
+    return sorted(methods)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -8,6 +8,7 @@ type from ``kronlink.contract``.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from kronlink.contract import UPDATE_TASK, UpdateMessage
 from kronlink.settings import Settings
@@ -28,11 +29,17 @@ class CeleryProducer:
             if self._app is None:
                 s = self._settings
                 app = Celery("kronlink-service", broker=s.broker, set_as_current=False)
-                app.conf.broker_transport_options = s.transport_options(s.broker)
+                # A broker that is down must fail the request at once (503 with
+                # Retry-After), not hold it for seconds of retries: the job row
+                # is stored already and a worker's sweep re-sends it.
+                timeout = s.broker_connect_timeout_s
+                options: dict[str, Any] = dict(s.transport_options(s.broker))
+                if s.broker.startswith(("redis://", "rediss://", "sentinel://")):
+                    options |= {"socket_connect_timeout": timeout, "max_retries": 0}
+                app.conf.broker_transport_options = options
                 app.conf.broker_connection_retry_on_startup = True
-                # a broker that is down must fail the request, not hang it
-                app.conf.broker_connection_timeout = 5
-                app.conf.broker_connection_max_retries = 2
+                app.conf.broker_connection_timeout = timeout
+                app.conf.broker_connection_max_retries = 0
                 self._app = app
             return self._app
 

@@ -101,6 +101,14 @@ class LinkBatchResponse(BaseModel):
     items: list[LinkBatchResult] = Field(description="in the order of the request's items")
 
 
+_CANDIDATES_XOR_ONTOLOGY = {
+    "oneOf": [
+        {"required": ["candidates"], "not": {"required": ["ontology"]}},
+        {"required": ["ontology"], "not": {"required": ["candidates"]}},
+    ]
+}
+
+
 @dataclass(frozen=True)
 class LinkRequestModels:
     Candidate: type[BaseModel]
@@ -121,7 +129,8 @@ def link_request_models(settings: Settings) -> LinkRequestModels:
     class LinkItem(BaseModel):
         """One mention to link: give its candidates, or an ontology to find them in."""
 
-        model_config = ConfigDict(extra="forbid")
+        # the document states what _source enforces: exactly one of the two
+        model_config = ConfigDict(extra="forbid", json_schema_extra=_CANDIDATES_XOR_ONTOLOGY)
         mention: Annotated[
             str,
             Field(min_length=1, max_length=settings.max_mention_chars),
@@ -143,7 +152,11 @@ def link_request_models(settings: Settings) -> LinkRequestModels:
             "candidates from (BM25 over names and synonyms), when candidates are omitted",
         )
         top_k: int | None = Field(
-            default=None, ge=1, le=MAX_TOP_K, description="return the best k; default all"
+            default=None,
+            ge=1,
+            le=MAX_TOP_K,
+            strict=True,  # true and "3" are not counts
+            description="return the best k; default all",
         )
 
         @model_validator(mode="after")
@@ -323,5 +336,8 @@ class ReadyCheck(BaseModel):
 
 
 class ReadyOut(BaseModel):
-    ready: bool
-    checks: dict[str, ReadyCheck]
+    ready: bool = Field(description="this replica can answer /v1/link")
+    checks: dict[str, ReadyCheck] = Field(description="what readiness depends on: model:<lineage>")
+    registry: ReadyCheck = Field(
+        description="the registry database; reported, not required (linking works without it)"
+    )

@@ -216,6 +216,8 @@ async def receive_upload(request: Request, staging: Path, *, max_file_bytes: int
             "on_headers_finished",
         )
     }
+    ended: list[bool] = []
+    callbacks["on_end"] = lambda: ended.append(True)
     try:
         try:
             parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
@@ -232,6 +234,13 @@ async def receive_upload(request: Request, staging: Path, *, max_file_bytes: int
                 f"malformed multipart body: {exc}; send multipart/form-data as HTTP "
                 "clients build it (at most 8 headers of 4 kB per part, names under 4 kB)",
             ) from None
+        if not ended:  # the body stopped before the closing boundary
+            raise ProblemError(
+                400,
+                "validation-error",
+                "truncated multipart body: it ended before the closing boundary "
+                f"(--{boundary.decode('latin-1')}--); send the whole body",
+            )
         missing = [p for p in FILE_PARTS if p not in receiver.upload.sizes]
         if missing:
             raise ProblemError(

@@ -48,11 +48,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from kronlink.settings import get_settings
 
+    # The service configures its own process's logging (service.app:app_from_env,
+    # in each server process): this command starts it by name and never imports
+    # it (the import-linter contract in pyproject.toml).
+    os.environ["KRONLINK_LOG_LEVEL"] = args.log_level.upper()
+    get_settings.cache_clear()
     _ensure_admin_token()
     settings = get_settings()
-    from service.logs import configure_logging
-
-    configure_logging(settings.log_format, args.log_level.upper())
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     where = settings.redacted()
@@ -67,7 +69,9 @@ def run_serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         workers=args.workers,
-        log_config=None,  # logging is configured above (JSON, with request ids)
+        # header-size limit, body timeout, problem JSON for unparseable requests
+        http="service.server:HttpProtocol",
+        log_config=None,  # the app configures logging (JSON, with request ids)
         access_log=False,  # the app logs each request itself, with its id
         lifespan="on",
         timeout_graceful_shutdown=10,

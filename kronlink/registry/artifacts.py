@@ -51,6 +51,25 @@ def task_state_key(lineage: str, number: int, task: str) -> str:
     return f"states/{lineage}/{number}/{task}"
 
 
+def _mtime(info: dict[str, Any]) -> float | None:
+    """A file's modification time from an fsspec ``info`` dict, in epoch seconds
+    (backends name and type it differently: float, datetime or ISO text)."""
+    from datetime import datetime
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
@@ -283,20 +302,34 @@ class ArtifactStore:
         elif self._fs.exists(tmp):
             self._fs.rm(tmp, recursive=True)
 
-    def sweep_temporary(self, older_than_s: float = 3600.0) -> int:
-        """Delete temporary leftovers of puts that died (local stores); returns the count."""
+    def sweep_temporary(self, older_than_s: float = 3600.0, *, now: float | None = None) -> int:
+        """Delete temporary leftovers of puts that died: entries of the ``.tmp``
+        folder whose newest file is older than ``older_than_s`` (another
+        worker's put in flight is younger). Returns the count."""
+        cutoff = (time.time() if now is None else now) - older_than_s
         if self._local is None:
-            if self._fs.exists(f"{self._root}/{_TMP}"):
-                self._fs.rm(f"{self._root}/{_TMP}", recursive=True)
-            return 0
+            return self._sweep_remote_temporary(cutoff)
         tmp_root = self._local / _TMP
         if not tmp_root.is_dir():
             return 0
-        cutoff = time.time() - older_than_s
         removed = 0
         for p in tmp_root.iterdir():
             if p.stat().st_mtime < cutoff:
                 self._remove_tmp(str(p))
+                removed += 1
+        return removed
+
+    def _sweep_remote_temporary(self, cutoff: float) -> int:
+        root = f"{self._root}/{_TMP}"
+        if not self._fs.exists(root):
+            return 0
+        removed = 0
+        for entry in self._fs.ls(root, detail=False):
+            found = self._fs.find(entry, detail=True, withdirs=True)
+            times = [t for info in [self._fs.info(entry), *found.values()] if (t := _mtime(info))]
+            # No timestamp from this backend: keep it (a put in flight looks the same).
+            if times and max(times) < cutoff:
+                self._fs.rm(entry, recursive=True)
                 removed += 1
         return removed
 

@@ -162,6 +162,7 @@ def recover_expired_jobs(
                 f"{max_attempts} attempt(s)"
             )
             row.finished_at = now
+            _clear_phase(row)
             action = AuditAction.JOB_FINISHED
         else:
             row.state = JobState.QUEUED
@@ -326,6 +327,14 @@ def update_progress(
     return JobInfo.of(row)
 
 
+def _clear_phase(row: Job) -> None:
+    """A finished job is in no phase: the last one it reached moves to
+    ``progress["ended_in"]`` (where a failure happened)."""
+    if row.phase is not None:
+        row.progress = {**(row.progress or {}), "ended_in": row.phase}
+    row.phase = None
+
+
 def request_cancel(session: Session, job_id: int, *, actor: str = "system") -> JobInfo:
     """A queued job is cancelled at once; a running one gets ``cancel_requested``
     (the worker stops at its next check); a finished one is left as it is."""
@@ -335,6 +344,7 @@ def request_cancel(session: Session, job_id: int, *, actor: str = "system") -> J
     if row.state == JobState.QUEUED:
         row.state = JobState.CANCELLED
         row.finished_at = utcnow()
+        _clear_phase(row)
     row.cancel_requested = True
     session.flush()
     record_audit(
@@ -369,6 +379,7 @@ def finish_job(
     row.error = error
     row.finished_at = now
     row.lease_until = None
+    _clear_phase(row)
     if timings is not None:
         row.timings = {**row.timings, **timings}
     session.flush()

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from kronlink.contract import check_name
 from kronlink.errors import ConfigError, DataFormatError
-from kronlink.registry import JobState, get_job, list_jobs, request_cancel
+from kronlink.registry import ConflictError, JobState, get_job, list_jobs, request_cancel
 from kronlink.registry.models import ModelVersion
 from kronlink.submission import EnqueueError, parse_lambdas, submit_dataset
 from service.deps import AdminDep, StateDep
@@ -145,6 +145,10 @@ def _versions(state: Any, job_ids: list[int]) -> dict[int, tuple[int, dict[str, 
     return {j: (v, dict(m or {})) for j, v, m in rows}
 
 
+# what the document states of each form field: its type and every enforced limit
+_SCHEMA_KEYS = ("type", "description", "enum", "anyOf", "minLength", "maxLength")
+_SCHEMA_KEYS += ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "default")
+
 _FORM_SCHEMA = {
     "type": "object",
     "required": ["queries", "ontology", "task"],
@@ -160,7 +164,7 @@ _FORM_SCHEMA = {
             "description": "ontology.jsonl: one concept a line",
         },
         **{
-            name: {k: v for k, v in prop.items() if k in ("type", "description", "enum", "anyOf")}
+            name: {k: v for k, v in prop.items() if k in _SCHEMA_KEYS}
             for name, prop in JobForm.model_json_schema(by_alias=True)["properties"].items()
         },
     },
@@ -281,13 +285,19 @@ def job(job_id: JobId, state: StateDep, _: AdminDep) -> JobOut:
     "/v1/jobs/{job_id}",
     response_model=JobOut,
     status_code=202,
-    responses=problem_responses(401, 403, 404, 422),
+    responses=problem_responses(401, 403, 404, 409, 422),
     summary="Cancel a job",
 )
 def cancel(job_id: JobId, state: StateDep, _: AdminDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next check
-    (``cancel_requested``); a finished one is returned as it is. The worker
+    (``cancel_requested``); a finished one cannot be cancelled (409). The worker
     deletes the job's data in every case."""
     with state.factory.begin() as s:
+        before = get_job(s, job_id)
+        if before.finished:
+            raise ConflictError(
+                f"job {job_id} has already {before.state.value}; only a queued or running "
+                "job can be cancelled"
+            )
         j = request_cancel(s, job_id, actor="api")
     return JobOut.of(j, _versions(state, [j.id]).get(j.id))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import time
 import uuid
 from pathlib import Path
 from unittest import mock
@@ -126,3 +128,25 @@ def test_children_lists_published_names_only(store: ArtifactStore, tmp_path: Pat
     assert store.children("versions/main") == ["j1-a1", "j2-a1"]
     store.delete("versions/main/j1-a1")
     assert store.children("versions/main") == ["j2-a1"]
+
+
+def test_sweep_temporary_keeps_a_put_in_flight_and_removes_an_old_one(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    """Issue 16 item 8: on fsspec stores the sweep removed the whole .tmp folder,
+    another worker's put in flight included."""
+    src = make_dir(tmp_path)
+    # a put in flight: its temporary copy is written, its final key not yet
+    tmp = store._tmp_name()
+    if store._local is None:
+        store._fs.put(str(src), tmp, recursive=True)
+        exists = lambda: store._fs.exists(f"{tmp}/weights.bin")  # noqa: E731
+    else:
+        shutil.copytree(src, tmp)
+        exists = lambda: Path(tmp, "weights.bin").exists()  # noqa: E731
+    assert store.sweep_temporary() == 0  # an hour by default: a fresh put stays
+    assert store.sweep_temporary(older_than_s=60) == 0
+    assert exists()
+    # two hours later the same leftover is debris of a put that died
+    assert store.sweep_temporary(now=time.time() + 7200) == 1
+    assert not exists()

@@ -44,6 +44,7 @@ from kronlink.registry import (
     upgrade,
 )
 from kronlink.settings import Settings
+from service.server import protocol_for
 
 ADMIN = "admin-token-0123456789abcdef"
 READ = "read-token-0123456789abcdef"
@@ -130,7 +131,11 @@ class LiveServer:
 def live_server(app, *, timeout_s: float = 30) -> Iterator[LiveServer]:
     """uvicorn serving ``app`` on 127.0.0.1 in a thread; stopped on exit."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    state = getattr(app.state, "kronlink", None)
+    http = protocol_for(state.settings) if state is not None else "auto"
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
