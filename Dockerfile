@@ -16,7 +16,15 @@ FROM ${PYTHON_IMAGE} AS build
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+# Build hosts without PyTorch's index, or behind a TLS proxy (tests/compose
+# builds so): pip's own variables, for folders and a CA bundle mounted into the
+# build (podman build -v); PIP_NO_CACHE_DIR=0 with a mounted /root/.cache/pip
+# keeps downloads between builds. None of them changes what the image holds.
+ARG PIP_FIND_LINKS
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_CERT
+ARG PIP_NO_CACHE_DIR=1
+ENV PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR} PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 # torch first and pinned, as in the Makefile: the project's own "torch>=2.4"
 # would otherwise let pip choose the build.

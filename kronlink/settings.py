@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     # How long POST /v1/jobs waits for the broker before it answers 503 with
     # Retry-After (the job row is kept; a worker's sweep re-sends it).
     broker_connect_timeout_s: float = Field(default=0.3, gt=0)
+    # A job's commit is retried this long while the database is unreachable
+    # (a restart, a failover) before the job fails; keep it under lease_s.
+    commit_retry_s: float = Field(default=120.0, ge=0)
+    # Each job attempt's working files (the model and states it fetched, the
+    # artifacts it writes) go under this folder, never the system temp folder;
+    # the sweep deletes what no running attempt owns.
+    scratch_dir: Path | None = None  # None: <data_dir>/scratch
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
@@ -182,6 +189,10 @@ class Settings(BaseSettings):
         if url.startswith(("redis://", "rediss://", "sentinel://")):
             return {"visibility_timeout": self.visibility_timeout_s}
         return {}
+
+    @property
+    def scratch_path(self) -> Path:
+        return (self.scratch_dir or self.data_path / "scratch").resolve()
 
     @property
     def lineage_names(self) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,14 @@ from kronlink.registry import (
 )
 from worker.job import JobContext, delete_leftover, delete_staged
 
-__all__ = ["SweepReport", "sweep", "sweep_orphans", "sweep_staged"]
+__all__ = ["SweepReport", "sweep", "sweep_orphans", "sweep_scratch", "sweep_staged"]
 
 # The worker writes every artifact under a folder named for the job attempt
 # (worker.job: versions/<lineage>/j<job>-a<attempt>, states/<lineage>/j..-a../<task>,
 # ontologies/<name>/j..-a..).
 _ATTEMPT = re.compile(r"^j(\d+)-a(\d+)$")
 _ATTEMPT_ROOTS = ("versions", "states", "ontologies")
+_SCRATCH = re.compile(r"^job-(\d+)-a(\d+)$")  # worker.job.scratch_name
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class SweepReport:
     queued: list[tuple[int, str]] = field(default_factory=list)  # (job id, lineage) to re-send
     temporary_removed: int = 0
     orphans_removed: list[str] = field(default_factory=list)
+    scratch_removed: list[str] = field(default_factory=list)
 
 
 def _newest_mtime(path: Path) -> float:
@@ -131,6 +134,32 @@ def sweep_orphans(ctx: JobContext) -> list[str]:
     return removed
 
 
+def sweep_scratch(ctx: JobContext) -> list[str]:
+    """Delete job scratch folders that no running attempt owns: a worker killed
+    mid-job leaves its fetched model, priors and written artifacts there (up
+    to gigabytes on a GPU host). The attempt that is running now keeps its
+    folder; an attempt that ended, or was superseded by a later claim, does not."""
+    root = ctx.settings.scratch_path
+    if not root.is_dir():
+        return []
+    with ctx.factory.begin() as s:
+        jobs = {j.id: j for j in list_jobs(s)}
+    removed = []
+    for path in sorted(root.iterdir()):
+        m = _SCRATCH.match(path.name)
+        if m is None:
+            continue
+        job = jobs.get(int(m[1]))
+        if job is None or int(m[2]) > job.attempts:
+            continue  # newer than our snapshot of the jobs
+        if job.state == JobState.RUNNING and int(m[2]) == job.attempts:
+            continue  # the live attempt
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+        log.info("sweep: removed scratch folder %s", path)
+    return removed
+
+
 def sweep(ctx: JobContext, *, now: float | None = None) -> SweepReport:
     """Recover expired leases, delete stale staged data, artifact-store debris and
     artifacts of attempts that will never commit."""
@@ -145,4 +174,5 @@ def sweep(ctx: JobContext, *, now: float | None = None) -> SweepReport:
     report.staged_deleted = sweep_staged(ctx, now=now)
     report.temporary_removed = ctx.store.sweep_temporary()
     report.orphans_removed = sweep_orphans(ctx)
+    report.scratch_removed = sweep_scratch(ctx)
     return report

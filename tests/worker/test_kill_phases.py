@@ -83,9 +83,14 @@ def test_sigkill_in_each_phase_loses_nothing_and_recovers(
     written = [k for k in artifact_keys(ctx) if f"j{job_id}-a1" in k]
     assert bool(written) == (phase in ("write", "commit")), written
     assert staged.is_dir()
+    # the killed attempt's working files are in the worker's own data folder
+    # (issue 16 item 13: they were in the system temp folder, never deleted)
+    scratch = ctx.settings.scratch_path / f"job-{job_id}-a1"
+    assert (scratch / "model").is_dir()  # version 1, fetched to train on
 
     report = sweep_until_recovered(ctx, job_id)
     assert job_row(ctx, job_id).state == JobState.QUEUED
+    assert report.scratch_removed == [scratch.name] and not scratch.exists()
     # the write pause comes after the model folder; the commit after all three
     expected = {
         "train": set(),

@@ -58,9 +58,9 @@ def _install() -> None:
 
         ArtifactStore.put_dir = _after(ArtifactStore.put_dir)
     elif _AT == "commit":
-        import worker.job as job
+        import worker.steps as steps
 
-        job.create_version = _after(job.create_version)
+        steps.create_version = _after(steps.create_version)
     elif _AT == "delete":
         import worker.job as job
 

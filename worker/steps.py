@@ -1,0 +1,290 @@
+"""The steps of one update job between claim and commit, as named methods of
+one object that keeps what the later steps need.
+
+    steps = UpdateSteps(run, scratch)
+    steps.validate(); steps.load(); steps.update(); steps.write()
+    ...  # then, in the commit transaction:
+    ending = steps.commit(session)
+
+``write`` stores the model, the new task's curvature state and a new
+ontology's concepts; :meth:`UpdateSteps.write_extra_artifacts` is the place
+for further artifacts a version carries (indexes built by the worker): each
+goes through :meth:`UpdateSteps.put`, so a failed job removes it like the
+others, and the commit reads it from ``self.extra``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from kronlink.data.io import ONTOLOGY_FILE
+from kronlink.registry import (
+    ArtifactInfo,
+    JobState,
+    NotFoundError,
+    TaskStateInfo,
+    VersionInfo,
+    activate_version,
+    active_version,
+    add_task_state,
+    create_ontology,
+    create_task,
+    create_version,
+    get_ontology,
+    get_task,
+    list_ontologies,
+    list_task_states,
+    mark_version_failed,
+)
+from worker._run import Ending, Run, timed
+from worker.cleanup import discard, write_error
+
+__all__ = ["UpdateSteps"]
+
+log = logging.getLogger("worker.job")
+
+
+@dataclass
+class UpdateSteps:
+    """One job's work, step by step; each step fills the fields the next reads."""
+
+    run: Run
+    scratch: Path  # this attempt's own folder under the worker's data folder
+    # validate
+    task: Any = None  # kronlink.data.schema.Task
+    train: Any = None  # kronlink.training.TrainConfig
+    # load: read from the registry in a short transaction, then fetched outside it
+    parent: VersionInfo | None = None
+    prior_rows: list[TaskStateInfo] = field(default_factory=list)
+    prior_names: list[str] = field(default_factory=list)
+    model: Any = None
+    priors: list[Any] = field(default_factory=list)
+    method: str = "none"
+    # update
+    request: Any = None  # kronlink.update.UpdateRequest
+    result: Any = None  # kronlink.update.UpdateResult
+    # write: the keys written (removed again if the job does not commit) and their artifacts
+    written: list[str] = field(default_factory=list)
+    model_art: ArtifactInfo | None = None
+    state_art: ArtifactInfo | None = None
+    onto_art: ArtifactInfo | None = None
+    extra: dict[str, ArtifactInfo] = field(default_factory=dict)
+
+    @property
+    def attempt(self) -> str:
+        return f"j{self.run.job.id}-a{self.run.job.attempts}"
+
+    @property
+    def ontology_name(self) -> str:
+        return self.run.spec.ontology or self.run.spec.task_name
+
+    # -- validate ----------------------------------------------------------------
+    def validate(self) -> None:
+        from kronlink.data.io import load_task
+        from kronlink.training import TrainConfig
+
+        run, spec = self.run, self.run.spec
+        with timed(run, "validate"):
+            if not run.staged.is_dir():
+                raise Ending(
+                    JobState.FAILED,
+                    f"staged dataset {spec.staged_id} is missing (deleted by the sweep after "
+                    f"{run.ctx.settings.staged_max_age_s:g} s, or never staged)",
+                )
+            self.task = load_task(run.staged, max_bytes=run.ctx.settings.max_upload_bytes)
+            unknown = set(spec.train) - set(TrainConfig.__dataclass_fields__)
+            if unknown:
+                raise Ending(
+                    JobState.FAILED, f"unknown train option(s): {', '.join(sorted(unknown))}"
+                )
+            self.train = TrainConfig(**spec.train)
+
+    # -- load --------------------------------------------------------------------
+    def load(self) -> None:
+        """The active version and every prior task's state. The registry is read
+        in a short transaction; the artifacts are fetched and re-hashed after
+        it (SQLite's write lock is not held through that I/O)."""
+        from kronlink.curvature.state import TaskState
+        from kronlink.models import build_ranker, load_ranker
+
+        run, spec, job, store = self.run, self.run.spec, self.run.job, self.run.ctx.store
+        with timed(run, "load"):
+            with run.ctx.factory.begin() as s:
+                self.parent = active_version(s, job.lineage)
+                if self.parent is not None:
+                    self.prior_rows = list_task_states(s, self.parent.id)
+                self.prior_names = [get_task(s, r.task_id).name for r in self.prior_rows]
+            if spec.task_name in self.prior_names:
+                raise Ending(
+                    JobState.FAILED,
+                    f"task {spec.task_name!r} is already learned by version "
+                    f"{self.parent.number if self.parent else '?'} of lineage {job.lineage!r}",
+                )
+            if self.parent is None:  # bootstrap: version 1 learns its task from scratch
+                ranker = dict(spec.ranker)
+                self.model = build_ranker(ranker.pop("kind", "cnn"), **ranker)
+                return
+            art = self.parent.artifact
+            path = store.get(store.key_of(art.uri), art.sha256, self.scratch / "model")
+            self.model = load_ranker(path)
+            for i, r in enumerate(self.prior_rows):
+                key = store.key_of(r.artifact.uri)
+                p = store.get(key, r.artifact.sha256, self.scratch / f"prior{i}")
+                self.priors.append(TaskState.load(p, model=self.model))
+            self.method = spec.method
+
+    # -- update ------------------------------------------------------------------
+    def update(self) -> None:
+        from kronlink.update import UpdateRequest, run_update
+
+        run, spec = self.run, self.run.spec
+        run.check()
+        lambdas = tuple(spec.lambdas) if isinstance(spec.lambdas, list) else spec.lambdas
+        self.request = UpdateRequest(
+            method=self.method,
+            lambdas=0.0 if self.method == "none" else lambdas,
+            half_decades=spec.half_decades,
+            train=self.train,
+            quality_gate=spec.quality_gate,
+        )
+        update = run.ctx.update_fn or run_update
+        t0 = time.perf_counter()
+        result = update(
+            self.model,
+            self.priors,
+            self.task,
+            self.request,
+            on_progress=run.on_progress,
+            should_stop=run.should_stop,
+        )
+        run.timings["update"] = round(time.perf_counter() - t0, 4)
+        run.timings.update({f"update.{k}": round(v, 4) for k, v in result.timings.items()})
+        if result.stopped or result.new_state is None:
+            run.check()
+            raise Ending(JobState.FAILED, "the update stopped without a result")
+        run.check()  # a cancel that arrived after the last step still counts
+        self.result = result
+
+    # -- write -------------------------------------------------------------------
+    def put(self, key: str, path: Path) -> ArtifactInfo:
+        """Store a file or folder under ``key``, remembered for :meth:`discard`."""
+        store = self.run.ctx.store
+        self.written.append(key)
+        try:
+            return store.put_dir(key, path) if path.is_dir() else store.put_file(key, path)
+        except OSError as e:  # a full or read-only artifact folder: say which, and why
+            raise Ending(JobState.FAILED, write_error(store, key, e)) from e
+
+    def write(self) -> None:
+        run, job = self.run, self.run.job
+        with timed(run, "write"):
+            self.result.model.save(self.scratch / "out-model")
+            self.result.new_state.save(
+                self.scratch / "out-state.safetensors", dtype=self.request.state_torch_dtype
+            )
+            with run.ctx.factory.begin() as s:
+                known = {o.name for o in list_ontologies(s)}
+            self.model_art = self.put(
+                f"versions/{job.lineage}/{self.attempt}", self.scratch / "out-model"
+            )
+            self.state_art = self.put(
+                f"states/{job.lineage}/{self.attempt}/{run.spec.task_name}",
+                self.scratch / "out-state.safetensors",
+            )
+            if self.ontology_name not in known:  # kept for the service's candidate generation
+                self.onto_art = self.put(
+                    f"ontologies/{self.ontology_name}/{self.attempt}", run.staged / ONTOLOGY_FILE
+                )
+            self.write_extra_artifacts()
+
+    def write_extra_artifacts(self) -> None:
+        """Further artifacts of the new version (none yet): build each under
+        ``self.scratch``, store it with ``self.extra[name] = self.put(key, path)``
+        and record it in :meth:`commit`."""
+
+    def discard(self) -> None:
+        """Remove every artifact this attempt wrote (it will not commit them)."""
+        discard(self.run.ctx.store, self.written)
+
+    # -- commit ------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        """What the version records of how it did: counts and scores, no data."""
+        summary = self.result.summary()
+        return {
+            "test": summary["test"],
+            "dev": summary["dev"],
+            "gate_passed": self.result.gate_passed,
+            "quality_gate": self.run.spec.quality_gate,
+            "predicted_forgetting": dict(
+                zip(self.prior_names, self.result.predicted_forgetting, strict=False)
+            ),
+            "selection": summary["selection"],
+            "timings": summary["timings"],
+        }
+
+    def commit(self, s: Session) -> Ending | None:
+        """In the commit transaction: the version, its task states, activation if
+        the gate passed. Returns the job's ending when it is not a success."""
+        run, spec, job = self.run, self.run.spec, self.run.job
+        parent_id = self.parent.id if self.parent is not None else None
+        now_active = active_version(s, job.lineage)
+        if (now_active.id if now_active else None) != parent_id:
+            raise Ending(
+                JobState.FAILED,
+                f"the active version of {job.lineage!r} changed while the job ran "
+                f"(anchored on {parent_id}, now {now_active.id if now_active else None}); resubmit",
+            )
+        task_id = self._task_id(s)
+        v = create_version(
+            s,
+            lineage=job.lineage,
+            method=self.method,
+            artifact=self.model_art,
+            parent_id=parent_id,
+            task_id=task_id,
+            lambdas=dict(zip(self.prior_names, self.result.lambdas, strict=False)),
+            metrics=self.metrics(),
+            job_id=job.id,
+            actor=run.ctx.owner,
+        )
+        for r in self.prior_rows:
+            add_task_state(s, v.id, r.task_id, r.artifact)
+        add_task_state(s, v.id, task_id, self.state_art)
+        if self.result.gate_passed:
+            activate_version(s, v.id, actor=run.ctx.owner, reason=f"job {job.id}")
+            run.activated = v.id
+            return None
+        test = self.result.summary()["test"]
+        error = (
+            f"quality gate failed: test accuracy {test and test['accuracy']} < {spec.quality_gate}"
+        )
+        mark_version_failed(s, v.id, error=error, actor=run.ctx.owner)
+        return Ending(JobState.FAILED, f"{error}; version {v.number} kept as failed")
+
+    def _task_id(self, s: Session) -> int:
+        spec, task = self.run.spec, self.task
+        try:
+            return get_task(s, spec.task_name).id
+        except NotFoundError:
+            pass
+        sizes = {
+            "concepts": len(task.concepts),
+            **{sp: len(task.split(sp)) for sp in ("train", "dev", "test")},
+        }
+        try:
+            onto = get_ontology(s, self.ontology_name)
+        except NotFoundError:
+            onto = create_ontology(
+                s,
+                self.ontology_name,
+                concept_count=sizes["concepts"],
+                source="upload",
+                artifact=self.onto_art,
+            )
+        return create_task(s, spec.task_name, ontology_id=onto.id, sizes=sizes).id
