@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     # artifacts it writes) go under this folder, never the system temp folder;
     # the sweep deletes what no running attempt owns.
     scratch_dir: Path | None = None  # None: <data_dir>/scratch
+    # Each API replica writes what it serves and its request figures to the
+    # registry this often (the dashboard's serving panel); 0: never.
+    replica_report_s: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

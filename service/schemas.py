@@ -234,7 +234,10 @@ class VersionOut(BaseModel):
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: Annotated[str, Field(max_length=500), AfterValidator(valid_text)] | None = Field(
-        default=None, description="recorded in the audit log"
+        default=None, description="why: recorded in the audit log, shown on the dashboard"
+    )
+    by: Annotated[str, Field(min_length=1, max_length=80), AfterValidator(valid_text)] | None = (
+        Field(default=None, description="who: recorded in the audit log as the actor api:<by>")
     )
 
 

@@ -27,6 +27,7 @@ from service.batching import MicroBatcher
 from service.holder import ModelHolder
 from service.metrics import Metrics
 from service.ontologies import OntologyIndexes
+from service.replicas import ReplicaReporter
 from service.uploads import sweep_uploads
 
 __all__ = ["ServiceState"]
@@ -68,6 +69,7 @@ class ServiceState:
         self._nudge = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.db_error: str | None = None
+        self.reporter: ReplicaReporter | None = None
         self.started_at = datetime.now(UTC)
         self.loop: asyncio.AbstractEventLoop
 
@@ -121,6 +123,9 @@ class ServiceState:
         await self.refresh_models()  # serve at once when a version is active
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch(), name="kronlink-model-watcher"))
+        if s.replica_report_s > 0:  # the dashboard's serving panel (service/replicas.py)
+            self.reporter = ReplicaReporter(self, s.replica_report_s)
+            self._tasks.append(loop.create_task(self.reporter.run(), name="kronlink-replica"))
         if publishes(s.broker):
             from service.notify import listen
 
@@ -134,6 +139,8 @@ class ServiceState:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.reporter is not None:
+            await asyncio.to_thread(self.reporter.forget)
         for b in self.batchers.values():
             await b.stop()
         if self.executor is not None:

@@ -45,6 +45,12 @@ from kronlink.registry.records import (
     TaskStateInfo,
     VersionInfo,
 )
+from kronlink.registry.replicas import (
+    ReplicaInfo,
+    forget_replica,
+    list_replicas,
+    report_replica,
+)
 from kronlink.registry.versions import (
     activate_version,
     active_version,
@@ -80,6 +86,7 @@ __all__ = [
     "NotFoundError",
     "OntologyInfo",
     "RegistryError",
+    "ReplicaInfo",
     "TaskInfo",
     "TaskStateInfo",
     "VersionInfo",
@@ -97,6 +104,7 @@ __all__ = [
     "current_revision",
     "default_database_url",
     "finish_job",
+    "forget_replica",
     "get_job",
     "get_ontology",
     "get_task",
@@ -107,6 +115,7 @@ __all__ = [
     "list_audit",
     "list_jobs",
     "list_ontologies",
+    "list_replicas",
     "list_task_states",
     "list_tasks",
     "list_versions",
@@ -116,6 +125,7 @@ __all__ = [
     "record_audit",
     "recover_expired_jobs",
     "referenced_artifact_uris",
+    "report_replica",
     "request_cancel",
     "rollback",
     "task_state_key",

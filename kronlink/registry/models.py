@@ -39,6 +39,7 @@ __all__ = [
     "Lineage",
     "ModelVersion",
     "Ontology",
+    "Replica",
     "Task",
     "TaskState",
     "VersionState",
@@ -278,3 +279,15 @@ class AuditLog(Base):
     action: Mapped[str] = mapped_column(String(32))
     subject: Mapped[str]  # "version:3", "job:7", "task:hpo"
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Replica(Base):
+    """One API replica's last report: what it serves and how it went over its
+    last interval (service/replicas.py writes it; the dashboard reads it)."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:random
+    started_at: Mapped[datetime]
+    seen_at: Mapped[datetime] = mapped_column(index=True)
+    status: Mapped[dict[str, Any]] = mapped_column(default=dict)

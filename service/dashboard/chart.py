@@ -16,6 +16,7 @@ import math
 from markupsafe import Markup, escape
 
 from service.dashboard.data import LineageView
+from service.dashboard.omega import fmt_omega
 
 __all__ = ["forgetting_lines_svg", "matrix_svg"]
 
@@ -48,10 +49,6 @@ def omega_shade(value: float) -> float:
     if value <= OMEGA_LOW:
         return 0.0
     return min(1.0, math.log10(value / OMEGA_LOW) / math.log10(OMEGA_HIGH / OMEGA_LOW))
-
-
-def fmt_omega(value: float) -> str:
-    return f"{value:.2g}" if value < 0.01 else f"{value:.3g}"
 
 
 def matrix_svg(view: LineageView) -> Markup:

@@ -18,9 +18,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kronlink.registry import (
+    AuditAction,
     JobInfo,
     VersionInfo,
     VersionState,
+    list_audit,
+    list_ontologies,
     list_task_states,
     list_tasks,
     list_versions,
@@ -28,9 +31,12 @@ from kronlink.registry import (
 from kronlink.registry.models import Job, ModelVersion
 
 __all__ = [
+    "Activation",
+    "Baseline",
     "Cell",
     "JobRow",
     "LineageView",
+    "Storage",
     "TaskRow",
     "VersionRow",
     "fingerprint",
@@ -40,6 +46,42 @@ __all__ = [
 ]
 
 RECENT_JOBS = 20  # finished jobs listed under the running and queued ones
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline's test-split figures recorded with a version (BM25, the retriever)."""
+
+    name: str
+    accuracy: float | None
+    recall_at_10: float | None
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One promotion or rollback from the audit log: who, when, why."""
+
+    at: datetime
+    action: str  # promoted | rolled_back
+    version: int  # number
+    previous: int | None  # number of the version it replaced
+    actor: str
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Storage:
+    """What the lineage's versions keep in the artifact store, each file counted
+    once: ``total`` is the sum of the three parts and of the versions' ``new_bytes``
+    plus the ontologies."""
+
+    models: int
+    task_states: int
+    ontologies: int
+
+    @property
+    def total(self) -> int:
+        return self.models + self.task_states + self.ontologies
 
 
 @dataclass(frozen=True)
@@ -61,6 +103,8 @@ class VersionRow:
     new_bytes: int  # what this version added to the store (model + its new task state)
     test_accuracy: float | None
     error: str | None
+    carries: tuple[str, ...] = ()  # names of the tasks it was trained to keep
+    baselines: tuple[Baseline, ...] = ()  # the test split's baselines, when recorded
 
     @property
     def active(self) -> bool:
@@ -97,6 +141,8 @@ class LineageView:
     versions: tuple[VersionRow, ...]
     tasks: tuple[TaskRow, ...]
     fingerprint: str  # changes whenever a version is added or changes state
+    history: tuple[Activation, ...] = ()  # newest first
+    storage: Storage = Storage(0, 0, 0)
 
     @property
     def active(self) -> VersionRow | None:
@@ -132,6 +178,13 @@ class JobRow:
     cancel_requested: bool
 
     @property
+    def duration_s(self) -> float | None:
+        """Claim to ending for a finished job; None while it runs or if it never started."""
+        if self.finished_at is None or self.started_at is None:
+            return None
+        return max(0.0, (self.finished_at - self.started_at).total_seconds())
+
+    @property
     def fraction(self) -> float | None:
         if self.step is None or not self.total_steps:
             return None
@@ -161,6 +214,7 @@ class JobRow:
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
+            "duration_s": self.duration_s,
         }
 
 
@@ -192,13 +246,16 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
 
     rows: list[VersionRow] = []
     seen_uris: set[str] = set()
+    models = task_states = 0
     for v in versions:  # number order: a state's bytes count where it first appears
         states = list_task_states(session, v.id)
         new = 0 if v.artifact.uri in seen_uris else v.artifact.bytes
+        models += new
         seen_uris.add(v.artifact.uri)
         for s in states:
             if s.artifact.uri not in seen_uris:
                 new += s.artifact.bytes
+                task_states += s.artifact.bytes
                 seen_uris.add(s.artifact.uri)
         parent = by_id.get(v.parent_id) if v.parent_id is not None else None
         error = v.metrics.get("error")
@@ -219,6 +276,8 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
                 new_bytes=new,
                 test_accuracy=_test_accuracy(v),
                 error=str(error) if error is not None else None,
+                carries=tuple(task_names.get(s.task_id, "?") for s in states),
+                baselines=_baselines(v),
             )
         )
 
@@ -250,7 +309,62 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
             cells[j] = Cell("forgetting", value) if value is not None else Cell("none")
         tasks.append(TaskRow(name, v.number, tuple(cells)))
 
-    return LineageView(lineage, tuple(rows), tuple(tasks), fingerprint(versions))
+    return LineageView(
+        lineage,
+        tuple(rows),
+        tuple(tasks),
+        fingerprint(versions),
+        history=_history(session, versions),
+        storage=Storage(models, task_states, _ontology_bytes(session, versions)),
+    )
+
+
+def _baselines(v: VersionInfo) -> tuple[Baseline, ...]:
+    """``metrics["baselines"]``: name -> the test split's metrics (accuracy is
+    top-1; retrievers also give recall@10). Anything malformed is left out."""
+    recorded = v.metrics.get("baselines")
+    if not isinstance(recorded, dict):
+        return ()
+    out = []
+    for name, m in recorded.items():
+        if isinstance(m, dict):
+            out.append(Baseline(str(name), _number(m.get("accuracy")), _number(m.get("recall@10"))))
+    return tuple(out)
+
+
+def _history(session: Session, versions: list[VersionInfo]) -> tuple[Activation, ...]:
+    numbers = {v.id: v.number for v in versions}
+    out = []
+    for action in (AuditAction.PROMOTED, AuditAction.ROLLED_BACK):
+        for e in list_audit(session, action=action):
+            vid = int(e.subject.partition(":")[2] or 0)
+            if vid not in numbers:
+                continue
+            prev = e.details.get("previous_id")
+            reason = e.details.get("reason")
+            out.append(
+                Activation(
+                    at=e.at,
+                    action=e.action,
+                    version=numbers[vid],
+                    previous=numbers.get(prev) if isinstance(prev, int) else None,
+                    actor=e.actor,
+                    reason=str(reason) if reason is not None else None,
+                )
+            )
+    return tuple(sorted(out, key=lambda a: a.at, reverse=True))
+
+
+def _ontology_bytes(session: Session, versions: list[VersionInfo]) -> int:
+    """The stored concepts files of the ontologies this lineage's tasks link into."""
+    task_ids = {v.task_id for v in versions if v.task_id is not None}
+    onto_ids = {t.ontology_id for t in list_tasks(session) if t.id in task_ids}
+    uris = {
+        o.artifact.uri: o.artifact.bytes
+        for o in list_ontologies(session)
+        if o.id in onto_ids and o.artifact is not None
+    }
+    return sum(uris.values())
 
 
 def fingerprint(versions: list[VersionInfo]) -> str:

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kronlink.registry import VersionState, list_versions
 from kronlink.settings import Settings
-from service.dashboard.chart import fmt_omega, forgetting_lines_svg, matrix_svg
+from service.dashboard.chart import forgetting_lines_svg, matrix_svg
 from service.dashboard.data import (
     LineageView,
     fingerprint,
@@ -41,6 +41,8 @@ from service.dashboard.data import (
     lineage_names,
     lineage_view,
 )
+from service.dashboard.omega import OMEGA_EXPLAIN, OMEGA_LABEL, fmt_omega
+from service.dashboard.serving import serving_view
 from service.deps import ReaderDep, StateDep
 from service.problems import install_handlers
 from service.state import ServiceState
@@ -108,6 +110,16 @@ def _bytes(n: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = round(seconds)
+    if s < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
+    m, s = divmod(s, 60)
+    return f"{m} min {s:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+
+
 def _num(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
@@ -123,7 +135,8 @@ def templates() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(dt=_dt, bytes=_bytes, num=_num, omega=fmt_omega)
+    env.filters.update(dt=_dt, bytes=_bytes, num=_num, omega=fmt_omega, duration=_duration)
+    env.globals.update(omega_label=OMEGA_LABEL, omega_explain=OMEGA_EXPLAIN)
     return env
 
 
@@ -157,6 +170,7 @@ def _context(
         "lineages": [],
         "jobs": [],
         "view": view,
+        "serving": [],
         "matrix_svg": matrix_svg(view) if view else "",
         "lines_svg": forgetting_lines_svg(view) if view else "",
         "base_url": f"{root}/dashboard",
@@ -165,6 +179,20 @@ def _context(
         "poll_ms": POLL_MS,
         "now": datetime.now(UTC),
     }
+
+
+def _serving(state: ServiceState, session: Session) -> list[dict[str, Any]]:
+    """The replicas that reported within three report intervals, as JSON values."""
+    every = getattr(state.settings, "replica_report_s", 0) or 5.0
+    rows = serving_view(session, seen_within_s=3 * every)
+    return [
+        {
+            **{k: getattr(r, k) for k in r.__dataclass_fields__ if not k.endswith("_at")},
+            "started_at": r.started_at.isoformat(),
+            "seen_at": r.seen_at.isoformat(),
+        }
+        for r in rows
+    ]
 
 
 def _html(body: str, status: int = 200) -> HTMLResponse:
@@ -179,7 +207,7 @@ def dashboard(request: Request, state: StateDep, lineage: LineageParam = None) -
     with _factory(state)() as session:
         names, chosen = _pick_lineage(session, lineage)
         ctx = _context(request, session, chosen)
-        ctx.update(lineages=names, jobs=jobs_view(session))
+        ctx.update(lineages=names, jobs=jobs_view(session), serving=_serving(state, session))
     status = 404 if lineage is not None and lineage not in names else 200
     return _html(templates().get_template("dashboard.html").render(ctx), status)
 
@@ -205,6 +233,7 @@ def state_json(state: StateDep, _: ReaderDep, lineage: LineageParam = None) -> J
         _, chosen = _pick_lineage(session, lineage)
         versions = list_versions(session, chosen) if chosen else []
         jobs = jobs_view(session)
+        serving = _serving(state, session)
     active = next((v for v in versions if v.state == VersionState.ACTIVE), None)
     body = {
         "generated_at": datetime.now(UTC).isoformat(),
@@ -212,6 +241,7 @@ def state_json(state: StateDep, _: ReaderDep, lineage: LineageParam = None) -> J
         "fingerprint": fingerprint(versions),
         "active_version": {"id": active.id, "number": active.number} if active else None,
         "jobs": [j.as_json() for j in jobs],
+        "replicas": serving,
     }
     return JSONResponse(body, headers=SECURITY_HEADERS)
 

@@ -97,9 +97,10 @@ def activate(
     cannot be activated (409), nor one whose stored files fail their sha256
     check (409 ``corrupt-artifact``, naming the files)."""
     reason = body.reason if body is not None else None
+    actor = f"api:{body.by}" if body is not None and body.by else "api"
     _check_artifact(state, version_id)
     with state.factory.begin() as s:
-        v = activate_version(s, version_id, actor="api", reason=reason or "api")
+        v = activate_version(s, version_id, actor=actor, reason=reason or "api")
     asyncio.run_coroutine_threadsafe(_after_activation(state, v.lineage, v.id), state.loop)
     return VersionOut.of(v, _served(state))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +31,7 @@ from kronlink.registry import (
     mark_version_failed,
     update_progress,
 )
+from kronlink.registry.models import utcnow
 
 LINEAGE = "clinical"
 EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
@@ -60,9 +62,14 @@ def _state(store: ArtifactStore, key: str, size: int, scratch: Path) -> Artifact
     return store.put_file(key, path)
 
 
-def _metrics(acc: float, forgetting: dict[str, float], gate: float | None = None) -> dict:
-    # The shape worker/job.py records.
+def _metrics(
+    acc: float, forgetting: dict[str, float], gate: float | None = None, baselines=None
+) -> dict:
+    # The shape worker/job.py records; "baselines" as the retrieval branch adds them
+    # (the test split's BM25 and retriever figures), on some versions only.
+    extra = {"baselines": baselines} if baselines else {}
     return {
+        **extra,
         "test": {"accuracy": acc, "mrr": acc + 0.1, "recall": {"1": acc}, "n": 100},
         "dev": {"accuracy": acc, "mrr": acc + 0.1, "recall": {"1": acc}, "n": 50},
         "gate_passed": gate is None or acc >= gate,
@@ -72,6 +79,12 @@ def _metrics(acc: float, forgetting: dict[str, float], gate: float | None = None
         "timings": {},
     }
 
+
+BASELINES = {
+    2: {"bm25": {"accuracy": 0.412, "n": 100}, "retriever": {"accuracy": 0.503, "recall@10": 0.81}},
+    4: {"bm25": {"accuracy": 0.298}, "retriever": {"accuracy": 0.377, "recall@10": 0.74}},
+}
+JOB_SECONDS = 95  # each seeded job ran this long (claim to finish), plus its number
 
 PLAN = [
     # task, method, λ per prior, test accuracy, predicted forgetting per prior, gate
@@ -95,21 +108,26 @@ def seed_history(factory: sessionmaker[Session], store: ArtifactStore, scratch: 
     ids: dict[int, int] = {}
     active_id: int | None = None
     states: list[tuple[int, ArtifactInfo]] = []  # what the active version carries
+    started = utcnow() - timedelta(seconds=300)
     for n, (task, method, lambdas, acc, forgetting, gate) in enumerate(PLAN, start=1):
         with factory.begin() as s:
             job, _ = create_job(
                 s, lineage=LINEAGE, payload={"task_name": task, "method": method}, actor="test"
             )
         with lineage_transaction(factory, LINEAGE) as s:
-            claim_job(s, job.id, owner=OWNER, lease_s=600)
+            claim_job(s, job.id, owner=OWNER, lease_s=600, now=started)
+        ended = started + timedelta(seconds=JOB_SECONDS + n)
         with factory.begin() as s:
             update_progress(
                 s, job.id, owner=OWNER, phase="train", progress={"step": 40, "total_steps": 40}
             )
         model = _model(store, f"versions/{LINEAGE}/j{job.id}-a1", n, scratch)
         state = _state(store, f"states/{LINEAGE}/j{job.id}-a1/t{n}", 1000 * n, scratch)
+        onto_art = _state(store, f"ontologies/onto-{n}/j{job.id}-a1", 500 * n, scratch)
         with lineage_transaction(factory, LINEAGE) as s:
-            onto = create_ontology(s, f"onto-{n}", source="upload", concept_count=10 * n)
+            onto = create_ontology(
+                s, f"onto-{n}", source="upload", concept_count=10 * n, artifact=onto_art
+            )
             t = create_task(
                 s, task, ontology_id=onto.id, sizes={"train": 40, "dev": 10, "test": 10}
             )
@@ -121,7 +139,7 @@ def seed_history(factory: sessionmaker[Session], store: ArtifactStore, scratch: 
                 parent_id=active_id,
                 task_id=t.id,
                 lambdas=lambdas,
-                metrics=_metrics(acc, forgetting, gate),
+                metrics=_metrics(acc, forgetting, gate, BASELINES.get(n)),
                 job_id=job.id,
                 actor=OWNER,
             )
@@ -132,12 +150,14 @@ def seed_history(factory: sessionmaker[Session], store: ArtifactStore, scratch: 
                 activate_version(s, v.id, actor=OWNER, reason=f"job {job.id}")
                 active_id = v.id
                 states = [*states, (t.id, state)]
-                finish_job(s, job.id, JobState.SUCCEEDED, owner=OWNER)
+                finish_job(s, job.id, JobState.SUCCEEDED, owner=OWNER, now=ended)
             else:
                 mark_version_failed(
                     s, v.id, error=f"quality gate failed: {acc} < {gate}", actor=OWNER
                 )
-                finish_job(s, job.id, JobState.FAILED, owner=OWNER, error="quality gate failed")
+                finish_job(
+                    s, job.id, JobState.FAILED, owner=OWNER, error="quality gate failed", now=ended
+                )
         ids[n] = v.id
 
     with factory.begin() as s:

@@ -21,9 +21,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from dashboard_factories import EVIL, LINEAGE, set_progress
+from dashboard_factories import BASELINES, EVIL, JOB_SECONDS, LINEAGE, set_progress
 
-from kronlink.registry import active_version
+from kronlink.registry import (
+    AuditAction,
+    active_version,
+    list_audit,
+    list_ontologies,
+    list_task_states,
+    list_versions,
+)
 from kronlink.settings import Settings
 
 CHROMIUM = os.environ.get("KRONLINK_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -94,7 +101,12 @@ def running(app) -> Iterator[str]:
 
 @pytest.fixture
 def server(registry, seeded, tmp_path) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path / "svc", admin_token=ADMIN_TOKEN, lineages=LINEAGE)
+    settings = Settings(
+        data_dir=tmp_path / "svc",
+        admin_token=ADMIN_TOKEN,
+        lineages=LINEAGE,
+        replica_report_s=0.5,  # the serving panel fills within a second
+    )
     with running(build_app(registry, settings)) as url:
         yield url
 
@@ -158,6 +170,40 @@ def test_dashboard_in_chromium(server, page, registry, seeded, tmp_path):
     assert icd_v2.text_content() == "0.031"
     assert page.locator("#forgetting-chart polyline").count() >= 2
 
+    # Each accuracy beside its baselines; versions without them say so.
+    v2_acc = page.locator('li.version[data-version="2"] dd.accuracy').inner_text()
+    assert v2_acc.startswith("0.710") and "bm25 0.412" in v2_acc
+    assert "retriever 0.503 (R@10 0.810)" in v2_acc
+    v1_acc = page.locator('li.version[data-version="1"] dd.accuracy').inner_text()
+    assert "no baseline recorded" in v1_acc and set(BASELINES) == {2, 4}
+    # Ω is labelled with its scale: an uncalibrated relative risk score.
+    assert "relative risk score (uncalibrated)" in page.locator("abbr.omega-scale").inner_text()
+
+    # Storage: the total is the sum of its parts and of what each version added,
+    # and matches the registry's artifacts counted once each.
+    storage = page.locator("#storage")
+    parts = {k: int(storage.get_attribute(f"data-{k}")) for k in ("models", "states", "ontologies")}
+    total = int(storage.get_attribute("data-total"))
+    new = [int(versions.nth(i).get_attribute("data-new-bytes")) for i in range(4)]
+    assert total == sum(parts.values()) == sum(new) + parts["ontologies"]
+    with registry.factory() as s:
+        vs = list_versions(s, LINEAGE)
+        arts = {v.artifact.uri: v.artifact.bytes for v in vs}
+        for v in vs:
+            arts |= {t.artifact.uri: t.artifact.bytes for t in list_task_states(s, v.id)}
+        ontos = sum(o.artifact.bytes for o in list_ontologies(s) if o.artifact)
+    assert total == sum(arts.values()) + ontos and parts["ontologies"] == ontos > 0
+
+    # Finished jobs show how long they ran.
+    first_job = page.locator("#jobs-body tr.state-succeeded").last
+    assert first_job.locator("td.duration").inner_text() == f"1 min {JOB_SECONDS + 1 - 60:02d} s"
+
+    # Serving: this replica reports the version it serves and its request figures.
+    replica = page.locator("#serving-body tr.replica")
+    expect(replica).to_have_count(1, timeout=8000)
+    expect(replica.locator("td").nth(1)).to_have_text(f"{LINEAGE}: v4")
+    expect(replica.locator("td.rate")).not_to_have_text("—", timeout=8000)
+
     # A running job's progress follows the job row without a reload.
     bar = page.locator(f'tr[data-job-id="{seeded.running_job_id}"] progress')
     assert bar.get_attribute("value") == "10"
@@ -167,11 +213,21 @@ def test_dashboard_in_chromium(server, page, registry, seeded, tmp_path):
     row = page.locator(f'tr[data-job-id="{seeded.running_job_id}"]').inner_text()
     assert "120/200" in row and "train" in row
 
-    # Roll back to v2: the dialog asks for the token; a wrong one is refused.
+    # Roll back to v2: the dialog warns what is forgotten, asks why and for the
+    # token; no reason, or a wrong token, is refused.
     page.locator('button.activate[data-version="2"]').click()
     dialog = page.locator("#activate-dialog")
     assert dialog.is_visible()
     assert "now v4" in page.locator("#activate-text").inner_text()
+    warning = page.locator("#activate-warning")
+    assert warning.is_visible() and "Rolling back to v2 forgets mednorm" in warning.inner_text()
+    page.fill("#admin-token", ADMIN_TOKEN)
+    page.click("#activate-confirm")
+    expect(page.locator("#activate-error")).to_have_text(re.compile("reason"))
+    with registry.factory() as s:
+        assert active_version(s, LINEAGE).number == 4
+    page.fill("#activate-reason", "mednorm answers rejected by the coding team")
+    page.fill("#activate-by", "dr. ops")
     page.fill("#admin-token", "wrong")
     page.click("#activate-confirm")
     expect(page.locator("#activate-error")).to_have_text(re.compile("401|token"))
@@ -184,6 +240,16 @@ def test_dashboard_in_chromium(server, page, registry, seeded, tmp_path):
     assert page.locator("ol#timeline > li.active").get_attribute("data-version") == "2"
     with registry.factory() as s:
         assert active_version(s, LINEAGE).number == 2
+        (audit,) = list_audit(s, action=AuditAction.ROLLED_BACK)
+    assert (audit.actor, audit.details["reason"]) == (
+        "api:dr. ops",
+        "mednorm answers rejected by the coding team",
+    )
+    # The history names who, when and why, newest first.
+    newest = page.locator("#history tbody tr").first.inner_text()
+    assert "rolled back to v2 (replacing v4)" in newest
+    assert "dr. ops" in newest and "mednorm answers rejected" in newest
+    assert page.locator("#history tr.promoted").count() == 3  # v1, v2 and v4 by their jobs
     # The service behind the page swapped its model to v2.
     deadline = time.monotonic() + 10
     while True:
@@ -198,11 +264,22 @@ def test_dashboard_in_chromium(server, page, registry, seeded, tmp_path):
     assert served == [2]
     # The matrix header marks the new active version.
     assert "●" in page.locator('#matrix-chart text.col-head[data-version="2"]').text_content()
+    expect(replica.locator("td").nth(1)).to_have_text(f"{LINEAGE}: v2", timeout=8000)
+    # /v1/link traffic shows as latency quantiles at the next report
+    cands = [{"id": "D1", "name": "fever"}, {"id": "D2", "name": "cough"}]
+    with httpx.Client(base_url=server) as c:
+        for _ in range(20):
+            body = {"mention": "pyrexia", "candidates": cands, "lineage": LINEAGE}
+            assert c.post("/v1/link", json=body).status_code == 200
+    expect(replica.locator("td").nth(5)).to_have_text(re.compile(r"^\d+\.\d ms$"), timeout=8000)
 
     assert page.evaluate("window.__notReloaded") is True
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+    # KRONLINK_DASHBOARD_SCREENSHOT=docs/img/dashboard.png refreshes the docs' picture
+    if os.environ.get("KRONLINK_DASHBOARD_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["KRONLINK_DASHBOARD_SCREENSHOT"])
     assert dialogs == [], f"the page opened dialogs (injected script ran?): {dialogs}"
     # Failed fetches of the wrong-token attempt log "401" console errors; nothing else may.
     assert [e for e in errors if "401" not in e] == []

@@ -86,7 +86,8 @@ def test_sigkill_in_each_phase_loses_nothing_and_recovers(
     # the killed attempt's working files are in the worker's own data folder
     # (issue 16 item 13: they were in the system temp folder, never deleted)
     scratch = ctx.settings.scratch_path / f"job-{job_id}-a1"
-    assert (scratch / "model").is_dir()  # version 1, fetched to train on
+    assert scratch.is_dir()
+    assert (scratch / "out-model").is_dir() == (phase in ("write", "commit"))
 
     report = sweep_until_recovered(ctx, job_id)
     assert job_row(ctx, job_id).state == JobState.QUEUED

@@ -72,7 +72,54 @@
     cell(tr, j.error || j.message, "message");
     cell(tr, fmtTime(j.started_at));
     cell(tr, fmtTime(j.finished_at));
+    cell(tr, fmtDuration(j.duration_s), "duration");
     return tr;
+  }
+
+  function fmtDuration(s) {
+    if (s === null || s === undefined) return "";
+    if (s < 10) return s.toFixed(1) + " s";
+    const r = Math.round(s);
+    if (r < 60) return r + " s";
+    const m = Math.floor(r / 60);
+    if (m < 60) return m + " min " + String(r % 60).padStart(2, "0") + " s";
+    return Math.floor(m / 60) + " h " + String(m % 60).padStart(2, "0") + " min";
+  }
+
+  function pct(x) { return x === null || x === undefined ? "—" : (100 * x).toFixed(1) + " %"; }
+  function ms(x) { return x === null || x === undefined ? "—" : Number(x).toFixed(1) + " ms"; }
+
+  function replicaRow(r) {
+    const tr = document.createElement("tr");
+    tr.className = "replica";
+    tr.dataset.replica = r.id;
+    cell(tr, r.id);
+    const serves = Object.entries(r.serving || {}).map(
+      ([name, num]) => name + ": " + (num === null ? "none loaded" : "v" + num));
+    cell(tr, serves.join(", "));
+    cell(tr, r.requests_per_s === null ? "—" : Number(r.requests_per_s).toFixed(1), "rate");
+    cell(tr, pct(r.error_rate), "errors");
+    cell(tr, pct(r.refused_rate));
+    cell(tr, ms(r.link_p50_ms));
+    cell(tr, ms(r.link_p99_ms));
+    cell(tr, r.requests_total === null ? "—" : String(r.requests_total));
+    cell(tr, fmtTime(r.started_at));
+    cell(tr, fmtTime(r.seen_at));
+    return tr;
+  }
+
+  function renderReplicas(replicas) {
+    const tbody = $("serving-body");
+    if (!tbody || !replicas) return;
+    const rows = replicas.map(replicaRow);
+    if (!rows.length) {
+      const tr = document.createElement("tr");
+      tr.className = "empty";
+      const td = cell(tr, "no replica has reported yet");
+      td.colSpan = 10;
+      rows.push(tr);
+    }
+    tbody.replaceChildren(...rows);
   }
 
   function renderJobs(jobs) {
@@ -82,7 +129,7 @@
       const tr = document.createElement("tr");
       tr.className = "empty";
       const td = cell(tr, "no jobs yet");
-      td.colSpan = 13;
+      td.colSpan = 14;
       rows.push(tr);
     }
     tbody.replaceChildren(...rows);
@@ -114,6 +161,7 @@
         history.replaceState(null, "", "?lineage=" + encodeURIComponent(s.lineage));
       }
       renderJobs(s.jobs);
+      renderReplicas(s.replicas);
       if (s.fingerprint !== fingerprint) {
         await refreshLineage(cfg.lineage);
         fingerprint = s.fingerprint;
@@ -170,6 +218,16 @@
       (active ? " (now v" + active + ")" : "") +
       "? Every API replica loads it and switches within seconds; requests in flight finish on the old model.";
     $("activate-confirm").textContent = rollback ? "Roll back" : "Activate";
+    // The tasks the active version keeps and the target does not: a rollback forgets them.
+    const forgets = (btn.dataset.forgets || "").split(", ").filter(Boolean);
+    const warning = $("activate-warning");
+    warning.textContent = forgets.length
+      ? "Rolling back to v" + target.number + " forgets " + forgets.join(", ") +
+        ": /v1/link answers for " + (forgets.length > 1 ? "those tasks" : "that task") +
+        " come from a model that never learned " + (forgets.length > 1 ? "them" : "it") + "."
+      : "";
+    warning.hidden = !forgets.length;
+    $("activate-reason").value = "";
     $("activate-error").textContent = "";
     const saved = sessionStorage.getItem(TOKEN_KEY);
     $("admin-token").value = saved || "";
@@ -185,6 +243,9 @@
     if (!target) return;
     const token = $("admin-token").value.trim();
     if (!token) { $("activate-error").textContent = "The admin token is required."; return; }
+    const reason = $("activate-reason").value.trim();
+    if (!reason) { $("activate-error").textContent = "Say why: the reason is kept in the audit log."; return; }
+    const by = $("activate-by").value.trim();
     if ($("remember-token").checked) sessionStorage.setItem(TOKEN_KEY, token);
     else sessionStorage.removeItem(TOKEN_KEY);
     const confirmBtn = $("activate-confirm");
@@ -194,7 +255,7 @@
         method: "POST",
         credentials: "omit",
         headers: { "Authorization": "Bearer " + token, "Content-Type": "application/json" },
-        body: JSON.stringify({ reason: "dashboard" }),
+        body: JSON.stringify(by ? { reason: reason, by: by } : { reason: reason }),
       });
       if (!res.ok) {
         let detail = "HTTP " + res.status;
