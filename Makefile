@@ -39,6 +39,7 @@ system-deps:
 
 test: setup system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/ruff check .
+	HF_HUB_OFFLINE=1 $(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 lint: setup

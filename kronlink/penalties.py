@@ -34,6 +34,7 @@ from kronlink.curvature.state import CurvatureKind, Rule, TaskState
 from kronlink.errors import CheckpointError, ConfigError
 
 __all__ = [
+    "PENALTY_METHODS",
     "EKFACPenalty",
     "EWCPenalty",
     "KFCPenalty",
@@ -47,11 +48,17 @@ __all__ = [
 
 
 class PenaltyMethod(StrEnum):
+    """The one list of penalty methods: every option, form and CLI choice imports it."""
+
     NONE = "none"
     L2 = "l2"
     EWC = "ewc"
     KFC = "kfc"
     EKFAC = "ekfac"
+
+
+# The methods that build a penalty against prior tasks (all but "none").
+PENALTY_METHODS: tuple[str, ...] = tuple(m.value for m in PenaltyMethod if m != PenaltyMethod.NONE)
 
 
 # One prior's Ω as a function of the model's parameters (by name).

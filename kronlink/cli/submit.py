@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from kronlink.penalties import PenaltyMethod
+
 
 def _lambdas(text: str):
     from kronlink.submission import parse_lambdas
@@ -146,7 +148,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="task folder (task.json, ontology.jsonl, queries.jsonl)")
     p.add_argument("--task", required=True, help="task name to record in the registry")
     p.add_argument("--lineage", default="main", help="model lineage (default: %(default)s)")
-    p.add_argument("--method", default="kfc", choices=["none", "l2", "ewc", "kfc", "ekfac"])
+    p.add_argument("--method", default="kfc", choices=[m.value for m in PenaltyMethod])
     p.add_argument(
         "--lambda",
         dest="lam",

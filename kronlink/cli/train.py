@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kronlink.cli._common import load_split, progress_bar
 from kronlink.errors import KronlinkError
+from kronlink.penalties import PENALTY_METHODS, PenaltyMethod
 
 
 def _build_model(args: argparse.Namespace):
@@ -238,7 +239,7 @@ def _add_method_options(t: argparse.ArgumentParser) -> None:
     )
 
 
-METHODS = ["none", "l2", "ewc", "kfc", "ekfac", "lrc", "replay"]
+METHODS = [*(m.value for m in PenaltyMethod), "lrc", "replay"]
 
 
 def _lambdas(text: str, n: int) -> list[float]:
@@ -260,7 +261,7 @@ def _continual_hooks(args: argparse.Namespace, model):
     from kronlink.strategies import lrc_param_groups, replay_sample
 
     priors = [TaskState.load(p, model=model) for p in args.prior]
-    if args.method in ("l2", "ewc", "kfc", "ekfac"):
+    if args.method in PENALTY_METHODS:
         if not priors:
             raise KronlinkError(f"--method {args.method} needs at least one --prior STATE")
         from kronlink.penalties import build_penalty

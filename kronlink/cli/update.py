@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kronlink.cli._common import progress_bar, subset
 from kronlink.errors import ConfigError
+from kronlink.penalties import PenaltyMethod
 from kronlink.submission import parse_lambdas
 
 
@@ -164,7 +165,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     u.add_argument(
         "--method",
         default="kfc",
-        help="none, l2, ewc, kfc or ekfac (replay is refused: it needs old data) "
+        help=f"{', '.join(PenaltyMethod)} (replay is refused: it needs old data) "
         "(default: %(default)s)",
     )
     u.add_argument(

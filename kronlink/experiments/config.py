@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kronlink.errors import ConfigError
+from kronlink.penalties import PENALTY_METHODS
 from kronlink.training import TrainConfig
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 # The paper's λ grid (arXiv 2111.06012, Table 3).
 PAPER_GRID = (1e1, 1e3, 1e5, 1e7, 1e9)
 TIERS = ("tier1", "combined", "tier2", "tier3", "early")
-PENALTIES = ("l2", "ewc", "kfc", "ekfac")
+PENALTIES = PENALTY_METHODS
 EARLY_METHODS = ("none", "lrc", "replay", *PENALTIES)
 
 

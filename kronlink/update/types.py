@@ -16,6 +16,7 @@ from kronlink.curvature.state import CurvatureKind, FisherType, TaskState
 from kronlink.errors import ConfigError
 from kronlink.evaluation import Metrics
 from kronlink.models.base import Ranker
+from kronlink.penalties import PenaltyMethod
 from kronlink.training import TrainConfig, TrainResult
 
 __all__ = [
@@ -37,7 +38,6 @@ HALF_DECADE_GRID: tuple[float, ...] = tuple(
 # Phases in the order they run; "select_lambda" only with lambdas="auto".
 PHASES = ("validate", "select_lambda", "train", "curvature", "evaluate")
 
-METHODS = ("none", "l2", "ewc", "kfc", "ekfac")
 # The curvature a method's penalty reads, so the new state serves the next update.
 _NEEDS = {"ewc": CurvatureKind.DIAG, "kfc": CurvatureKind.KFAC, "ekfac": CurvatureKind.EKFAC}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -75,8 +75,10 @@ class UpdateRequest:
                 "method 'replay' is refused: it trains on old tasks' data, which the "
                 "update service never keeps; use kfc, ekfac, ewc, l2 or none"
             )
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in tuple(PenaltyMethod):
+            raise ConfigError(
+                f"method must be one of {', '.join(PenaltyMethod)}, got {self.method!r}"
+            )
         lam = self.lambdas
         if isinstance(lam, str):
             if lam != "auto":

@@ -6,7 +6,7 @@ PGDATA=/var/lib/postgresql/data
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pw=$(mktemp)
   printf '%s' "$POSTGRES_PASSWORD" > "$pw"
-  initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pw" \
+  initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pw" --encoding=UTF8 --locale=C.UTF-8 \
     --auth-host=scram-sha-256 --auth-local=trust >/dev/null
   rm -f "$pw"
   pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -k /tmp" -w start >/dev/null
