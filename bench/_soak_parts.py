@@ -1,8 +1,7 @@
 """Parts of bench/soak.py: the deployment's processes, the load clients, RSS.
 
-The load clients are the minimal HTTP/1.1 keep-alive client of bench/link.py
-(asyncio streams in one process), so the generator takes little of the CPU
-it shares with two replicas and a training worker on a small machine.
+The load clients are httpx async clients in one process, one connection kept
+open per replica.
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from link import NAMES, query, tree_pids
 
 from kronlink.data.schema import Candidate, Concept, Query, Task
@@ -112,10 +111,9 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, log: Path, timeout_s
         if proc.poll() is not None:
             raise RuntimeError(f"process exited ({proc.returncode}): {tail(log)}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
             pass
         time.sleep(0.3)
     raise RuntimeError(f"127.0.0.1:{port}{path} not 200 after {timeout_s:g} s: {tail(log)}")
@@ -174,17 +172,6 @@ class Replica:
             self.runs.append([number, version_id, t, t, 1])
 
 
-async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
-    return status, await reader.readexactly(length)
-
-
 def _reason(status: int, payload: bytes) -> str:
     try:
         body = json.loads(payload)
@@ -203,8 +190,12 @@ async def client(
 ) -> None:
     """Sends /v1/link to the replicas in turn, without pause, until ``stop``;
     every failure (status, connection error, timeout) is counted with its reason."""
-    bodies = [json.dumps(query(idx * 31 + j, candidates)).encode() for j in range(16)]
-    conns: list = [None] * len(replicas)
+    bodies = [query(idx * 31 + j, candidates) for j in range(16)]
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    conns = [
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{rep.port}", timeout=timeout_s, limits=limits)
+        for rep in replicas
+    ]
     i = idx
     try:
         while not stop.is_set():
@@ -212,40 +203,28 @@ async def client(
             rep = replicas[r]
             body = bodies[i % len(bodies)]
             i += 1
-            request = (
-                b"POST /v1/link HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-            )
             start = time.perf_counter()
             try:
-                if conns[r] is None:
-                    conns[r] = await asyncio.wait_for(
-                        asyncio.open_connection("127.0.0.1", rep.port), timeout_s
-                    )
-                status, payload = await asyncio.wait_for(_exchange(*conns[r], request), timeout_s)
+                resp = await conns[r].post("/v1/link", json=body)
             except Exception as exc:  # any failure is counted, none ends the client
                 rep.failures[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
-                if conns[r] is not None:
-                    conns[r][1].close()
-                conns[r] = None
                 await asyncio.sleep(0.05)  # a dead replica must not turn this into a busy loop
                 continue
             end = time.perf_counter()
-            if status != 200:
-                rep.failures[_reason(status, payload)] += 1
+            if resp.status_code != 200:
+                rep.failures[_reason(resp.status_code, resp.content)] += 1
                 continue
             try:
-                version = json.loads(payload)["model_version"]
+                version = resp.json()["model_version"]
                 rep.served(version["number"], version["id"], round(end - t0, 3))
             except (ValueError, KeyError, TypeError) as exc:
-                rep.failures[f"bad 200 body ({type(exc).__name__}): {payload[:120]!r}"] += 1
+                rep.failures[f"bad 200 body ({type(exc).__name__}): {resp.content[:120]!r}"] += 1
                 continue
             rep.latencies.append(end - start)
             rep.answered_at.append(end - t0)
     finally:
         for c in conns:
-            if c is not None:
-                c[1].close()
+            await c.aclose()
 
 
 def percentile(values: list[float], q: float) -> float | None:

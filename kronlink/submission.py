@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from kronlink.contract import UpdateJobSpec, UpdateMessage
+from kronlink.contract import UpdateJobSpec, UpdateMessage, check_name
 from kronlink.data.schema import Task
 from kronlink.errors import ConfigError, DataFormatError, KronlinkError
 from kronlink.registry import AuditAction, JobInfo, create_job, record_audit
@@ -40,12 +40,16 @@ from kronlink.settings import Settings
 __all__ = [
     "EnqueueError",
     "Submission",
+    "check_lineage",
     "check_options",
     "check_task",
     "dataset_digest",
     "parse_lambdas",
     "submit_dataset",
 ]
+
+
+MAX_LINEAGE_CHARS = 100
 
 
 class EnqueueError(KronlinkError):
@@ -95,6 +99,19 @@ def dataset_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_lineage(lineage: str) -> str:
+    """A lineage name is a path component of artifact keys (``versions/<lineage>/...``)
+    and at most 100 characters (the registry's column): refused before anything is staged."""
+    if not 1 <= len(lineage) <= MAX_LINEAGE_CHARS:
+        raise ConfigError(
+            f"lineage: expected 1 to {MAX_LINEAGE_CHARS} characters, got {len(lineage)}"
+        )
+    try:
+        return check_name(lineage)
+    except ValueError as exc:
+        raise ConfigError(f"lineage {lineage!r} {exc}") from None
+
+
 def check_options(options: Mapping[str, Any]) -> UpdateJobSpec:
     """The job's options as an :class:`UpdateJobSpec` (with a placeholder
     ``staged_id``), refused with a :class:`ConfigError` before anything is
@@ -114,6 +131,16 @@ def check_options(options: Mapping[str, Any]) -> UpdateJobSpec:
         config_from_dict(TrainConfig, dict(spec.train))
     except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
         raise ConfigError(f"train: {exc}") from None
+    from kronlink.update import UpdateRequest
+
+    lambdas = tuple(spec.lambdas) if isinstance(spec.lambdas, list) else spec.lambdas
+    UpdateRequest(  # what the worker builds: each refusal a ConfigError, here and not later
+        method=spec.method,
+        lambdas=lambdas,
+        half_decades=spec.half_decades,
+        train=config_from_dict(TrainConfig, dict(spec.train)),
+        quality_gate=spec.quality_gate,
+    )
     ranker = dict(spec.ranker)
     kind = ranker.pop("kind", "cnn")
     if kind not in RANKERS:
@@ -171,6 +198,7 @@ def submit_dataset(
 
     staging = settings.staging_path
     try:
+        check_lineage(lineage)
         if not source.is_dir():
             raise ConfigError(f"dataset: expected a task folder (task.json, ...), got {source}")
         check_options(options)

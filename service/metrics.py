@@ -23,6 +23,9 @@ _LATENCY_BUCKETS = (
     10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Paths that label the in-progress gauge as they are; any other counts as "other"
+# (a path is caller-chosen text: unbounded as a label).
+IN_PROGRESS_PATHS = frozenset({"/v1/link", "/v1/link/batch", "/v1/jobs"})
 
 
 class Metrics:
@@ -96,4 +99,10 @@ class Metrics:
         )
         self.jobs = Gauge(
             "kronlink_jobs", "Jobs in the registry by state (at scrape time)", ["state"], registry=r
+        )
+        self.in_progress = Gauge(
+            "kronlink_http_requests_in_progress",
+            "Requests received and not yet answered, by path (the API's own paths; others: other)",
+            ["path"],
+            registry=r,
         )

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.logs import new_request_id, request_id_var
-from service.metrics import Metrics
+from service.metrics import IN_PROGRESS_PATHS, Metrics
 from service.problems import ProblemError, problem_response
 
 __all__ = ["RequestMiddleware"]
@@ -56,6 +56,10 @@ class RequestMiddleware:
             await send(message)
 
         method, path = scope["method"], scope["path"]
+        in_progress = self.metrics.in_progress.labels(
+            path if path in IN_PROGRESS_PATHS else "other"
+        )
+        in_progress.inc()
         try:
             encoding = headers.get(b"content-encoding", b"identity").strip().lower()
             if encoding not in (b"", b"identity"):
@@ -76,6 +80,7 @@ class RequestMiddleware:
                     return
             await self.app(scope, receive, send_with_id)
         finally:
+            in_progress.dec()
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start

@@ -270,18 +270,21 @@ def install_handlers(app: FastAPI) -> None:
         )
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves on this path: Starlette's own 405 names
-    only the first route that matched the path."""
+    """Every method some route serves on this path, found by asking the routes
+    (routers included): Starlette's own 405 names only the first route that
+    matched the path."""
     from starlette.routing import Match
 
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        # a path match of another method is PARTIAL, of this one FULL: both count
-        if route_methods and route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(route_methods)
-    return sorted(methods)
+    routes = request.app.router.routes
+    return [
+        m
+        for m in _METHODS
+        if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)
+    ]
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -23,6 +23,13 @@ PG_ADMIN = os.environ.get(
     "KRONLINK_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS = "redis://127.0.0.1:6379"
+# The bounds the test holds the soak to (not read back from the report it checks):
+RSS_BOUND_MIB = 128.0  # RSS growth start to end per process: the larger of this ...
+RSS_BOUND_PCT = 25.0  # ... and this share of its start
+RSS_STEADY_MIB = 16.0  # growth from the rollback being served to the end (no swap then)
+# /v1/link p99 per replica under a training worker on 2 cores: the full soak
+# measured p99 43-118 ms and a maximum under 1 s (docs/benchmarks.md).
+P99_BOUND_MS = 1000.0
 
 
 def _require_servers() -> None:
@@ -49,7 +56,16 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("soak") / "soak.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "soak.py"), "--short", "--json", str(out)],
+        [
+            sys.executable,
+            str(REPO / "bench" / "soak.py"),
+            "--short",
+            "--json",
+            str(out),
+            f"--rss-bound-mib={RSS_BOUND_MIB}",
+            f"--rss-bound-pct={RSS_BOUND_PCT}",
+            f"--rss-steady-mib={RSS_STEADY_MIB}",
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -74,7 +90,7 @@ def test_no_request_failed_under_swaps(soak: dict) -> None:
     for name, rep in soak["replicas"].items():
         assert rep["failed"] == 0, f"{name}: {rep['failure_reasons']}"
         assert rep["served"] > 100, f"{name} served only {rep['served']} requests"
-        assert rep["p99_ms"] is not None and rep["p99_ms"] < 5000, rep
+        assert rep["p99_ms"] is not None and rep["p99_ms"] < P99_BOUND_MS, rep
     assert soak["all"]["served"] == sum(r["served"] for r in soak["replicas"].values())
 
 
@@ -117,11 +133,11 @@ def test_jobs_ended_as_planned(soak: dict) -> None:
 
 
 def test_memory_stays_within_the_bound(soak: dict) -> None:
-    bound = soak["bounds"]
     assert set(soak["memory"]) == {"worker", "replica-a", "replica-b"}
     for name, m in soak["memory"].items():
         assert m["start_mib"] > 50, m  # a real process with torch loaded was measured
-        allowed = max(bound["rss_bound_mib"], m["start_mib"] * bound["rss_bound_pct"] / 100)
+        assert m["growth_mib"] == round(m["end_mib"] - m["start_mib"], 1), m
+        allowed = max(RSS_BOUND_MIB, m["start_mib"] * RSS_BOUND_PCT / 100)
         assert m["growth_mib"] <= allowed, f"{name}: {m} (bound {allowed:.0f} MiB)"
         # no swap after the rollback: serving alone must not grow memory
-        assert m["steady_growth_mib"] <= bound["rss_steady_mib"], f"{name}: {m}"
+        assert m["steady_growth_mib"] <= RSS_STEADY_MIB, f"{name}: {m}"

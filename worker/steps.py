@@ -66,6 +66,7 @@ class UpdateSteps:
     model: Any = None
     priors: list[Any] = field(default_factory=list)
     method: str = "none"
+    new_ontology: bool = False  # its concepts file is stored with this version
     # update
     request: Any = None  # kronlink.update.UpdateRequest
     result: Any = None  # kronlink.update.UpdateResult
@@ -120,6 +121,9 @@ class UpdateSteps:
                 if self.parent is not None:
                     self.prior_rows = list_task_states(s, self.parent.id)
                 self.prior_names = [get_task(s, r.task_id).name for r in self.prior_rows]
+                # read now: the steps after this one need no database until the commit
+                known = {o.name for o in list_ontologies(s)}
+            self.new_ontology = self.ontology_name not in known
             if spec.task_name in self.prior_names:
                 raise Ending(
                     JobState.FAILED,
@@ -188,8 +192,6 @@ class UpdateSteps:
             self.result.new_state.save(
                 self.scratch / "out-state.safetensors", dtype=self.request.state_torch_dtype
             )
-            with run.ctx.factory.begin() as s:
-                known = {o.name for o in list_ontologies(s)}
             self.model_art = self.put(
                 f"versions/{job.lineage}/{self.attempt}", self.scratch / "out-model"
             )
@@ -197,7 +199,7 @@ class UpdateSteps:
                 f"states/{job.lineage}/{self.attempt}/{run.spec.task_name}",
                 self.scratch / "out-state.safetensors",
             )
-            if self.ontology_name not in known:  # kept for the service's candidate generation
+            if self.new_ontology:  # kept for the service's candidate generation
                 self.onto_art = self.put(
                     f"ontologies/{self.ontology_name}/{self.attempt}", run.staged / ONTOLOGY_FILE
                 )

@@ -14,10 +14,11 @@ everything is torn down. The wall time of each stage is printed (docs/operations
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -121,7 +122,7 @@ def podman() -> Podman:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg + "; CI=true requires them", pytrace=False)
         pytest.skip(msg)
-    if shutil.which("podman-compose") is None:
+    if importlib.util.find_spec("podman_compose") is None:
         pytest.fail("podman-compose is missing from the environment (requirements/test.txt)")
     return Podman(cache_root())
 
@@ -142,7 +143,9 @@ def stack(podman: Podman, tmp_path: Path) -> Iterator[tuple[str, Podman, Path]]:
     podman.env.update(
         POSTGRES_PASSWORD=f"pw-{uuid.uuid4().hex}", KRONLINK_ADMIN_TOKEN=ADMIN, PYTHONUNBUFFERED="1"
     )
-    compose = ["podman-compose", "-p", project, "-f", str(ROOT / "docker-compose.yml")]
+    # this environment's podman-compose (1.6: host networking, profiles, !reset), not Debian's 1.0
+    compose = [sys.executable, "-m", "podman_compose", "-p", project]
+    compose += ["-f", str(ROOT / "docker-compose.yml")]
     compose += ["-f", str(override)]
 
     def up(*services: str, deps: bool = False) -> None:

@@ -20,7 +20,6 @@ TINY = {
     "transformer": {"encoder": None, "num_layers": 2, "max_length": 48},
     "cnn": {"tokenizer": None, "embedding_dim": 8, "channels": 8, "hidden_size": 8},
 }
-READY = hasattr(models, "build_ranker")
 
 QUERIES = [
     Query(
@@ -51,7 +50,6 @@ QUERIES = [
 ]
 
 
-@pytest.mark.skipif(not READY, reason="kronlink.models does not export build_ranker yet")
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_real_ranker_diag_matches_loop(kind: str) -> None:
     torch.manual_seed(0)

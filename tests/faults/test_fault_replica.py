@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from fault_procs import (
     wait_ready,
 )
 from service_factories import admin, free_port, register_version, wait_until
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_replica_restarted_mid_load(tmp_path: Path, dep: Deployment, children: list[Child]) -> None:
@@ -50,12 +59,13 @@ def test_replica_restarted_mid_load(tmp_path: Path, dep: Deployment, children: l
         return child
 
     with LinkLoad(url_a, url_b) as load:
-        time.sleep(1.0)
+        wait_until(lambda: min(len(load.answers(u)) for u in (url_a, url_b)) >= 20, 30, "load")
         in_flight = SlowRequest(url_b)
-        time.sleep(0.3)  # the server has the headers: the request is running
+        wait_until(in_flight.in_flight, 10, "the server holds the slow request")
         b.signal(signal.SIGTERM)
         down = time.monotonic()
-        time.sleep(0.5)
+        # b stops listening at once, and stays up while the request is in flight
+        wait_until(lambda: not _listening(ports[1]), 10, "b closed its listening socket")
         assert b.alive(), "b exited with a request in flight"
         status, body = in_flight.finish()
         assert status == 200 and body["model_version"]["id"] == v1.id, body
@@ -79,7 +89,9 @@ def test_replica_restarted_mid_load(tmp_path: Path, dep: Deployment, children: l
             5,
             "b serves the version activated while it was down",
         )
-        time.sleep(0.5)
+        wait_until(
+            lambda: sum(1 for x in load.answers(url_b) if x.sent > activated) >= 10, 10, "b serves"
+        )
 
     assert b3.alive()
     assert load.failures(url_a) == [], load.failures(url_a)[:5]

@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 
-from kronlink.errors import CheckpointError
+from kronlink.errors import CheckpointError, ConfigError
 from kronlink.registry import ArtifactStore, ConflictError, version_key
 from kronlink.registry import artifacts as artifacts_mod
 
@@ -114,7 +114,7 @@ def test_keys_are_checked(store: ArtifactStore, tmp_path: Path) -> None:
     src = tmp_path / "f.bin"
     src.write_bytes(b"x")
     for bad in ("../escape", "/abs", ".tmp/x", "a/./b", "a//b", ""):
-        with pytest.raises(Exception, match="artifact key"):
+        with pytest.raises(ConfigError, match="artifact key"):
             store.put_file(bad, src)
 
 

@@ -94,6 +94,9 @@ class Load:
                 return received
         return None
 
+    def answers_by(self, version_id: int, after: datetime) -> int:
+        return sum(1 for _, received, _, vid in self.log if received >= after and vid == version_id)
+
 
 def _start_worker(settings: Settings, log: Path) -> subprocess.Popen:
     env = {
@@ -170,8 +173,8 @@ def test_swap_under_load_through_a_real_job_then_rollback(tmp_path) -> None:
             v2 = c.get(f"/v1/jobs/{job2}", headers=admin()).json()["version_id"]
             with reg.factory.begin() as s:
                 promoted_at = get_version(s, v2).activated_at
-            wait_until(lambda: load.first_answer_by(v2, promoted_at), timeout_s=10)
-            time.sleep(0.3)
+            # v2 answers a run of requests before the rollback (a count, not a sleep)
+            wait_until(lambda: load.answers_by(v2, promoted_at) >= 10, timeout_s=10)
 
             r = c.post(
                 f"/v1/versions/{v1['id']}/activate",
@@ -181,8 +184,7 @@ def test_swap_under_load_through_a_real_job_then_rollback(tmp_path) -> None:
             assert r.status_code == 200
             with reg.factory.begin() as s:
                 rolled_at = get_version(s, v1["id"]).activated_at
-            wait_until(lambda: load.first_answer_by(v1["id"], rolled_at), timeout_s=10)
-            time.sleep(0.3)
+            wait_until(lambda: load.answers_by(v1["id"], rolled_at) >= 10, timeout_s=10)
             load.stop.set()
             load.thread.join(10)
             ended = datetime.now(UTC)
@@ -250,17 +252,21 @@ def test_a_corrupt_version_is_reported_and_the_old_one_keeps_serving(tmp_path) -
         )
         assert "still serving" in check["detail"]
         body = {"mention": "x", "candidates": CANDS}
-        for _ in range(5):  # retried every model_retry_s, failing each time; v1 answers
+        def load_failures() -> float:
+            return next(
+                float(line.split()[-1])
+                for line in c.get("/metrics").text.splitlines()
+                if line.startswith('kronlink_model_load_failures_total{lineage="main"}')
+            )
+
+        # retried every model_retry_s, failing each time; v1 answers meanwhile
+        seen = load_failures()
+        deadline = time.monotonic() + 30
+        while load_failures() < seen + 2:
+            assert time.monotonic() < deadline, "the failed version was not retried"
             r = c.post("/v1/link", json=body)
             assert r.status_code == 200 and r.json()["model_version"]["id"] == v1.id
-            time.sleep(0.2)
-        metrics = c.get("/metrics").text
-        failures = next(
-            float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith('kronlink_model_load_failures_total{lineage="main"}')
-        )
-        assert failures >= 2
+        assert seen >= 1
         # rolling back clears the report
         assert c.post(f"/v1/versions/{v1.id}/activate", headers=admin()).status_code == 200
         wait_until(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -368,8 +367,8 @@ def test_a_full_queue_answers_429_and_the_queued_requests_complete(tmp_path) -> 
         state.executor.submit(gate.wait, 30)  # the model thread is busy until the gate opens
         batcher = state.batchers["main"]
         first = pool.submit(c.post, "/v1/link", json=body)  # taken, waits for the thread
-        wait_until(lambda: not batcher._works and batcher._waiting == 0 and first.running())
-        time.sleep(0.1)
+        # taken by the batcher: its batch sits in the busy model thread's queue
+        wait_until(lambda: state.executor._work_queue.qsize() == 1 and batcher._waiting == 0)
         queued = [pool.submit(c.post, "/v1/link", json=body) for _ in range(4)]
         wait_until(lambda: batcher._waiting == 4)
         p = _problem(c.post("/v1/link", json=body), 429, "too-many-requests")

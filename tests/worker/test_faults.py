@@ -4,8 +4,6 @@ jobs of one lineage submitted back to back. Helpers: worker_procs.py."""
 
 from __future__ import annotations
 
-import time
-
 from worker_factories import TINY_TRAIN
 from worker_procs import (
     artifact_keys,
@@ -24,6 +22,7 @@ from kronlink.registry import (
     JobState,
     active_version,
     create_job,
+    get_job,
     list_audit,
     list_task_states,
     list_versions,
@@ -159,24 +158,34 @@ def test_progress_write_survives_a_concurrent_heartbeat(env) -> None:
     with lineage_transaction(ctx.factory, "main") as s:
         assert claim_job(s, job.id, owner="w", lease_s=600) is not None
     stop = threading.Event()
+    beats: list[float] = []
+    errors: list[str] = []
 
     def beat() -> None:
         while not stop.is_set():
             try:
                 with ctx.factory.begin() as s:
-                    heartbeat(s, job.id, owner="w", lease_s=600)
-            except Exception:  # the worker's heartbeat loop logs and retries too
-                pass
+                    info = heartbeat(s, job.id, owner="w", lease_s=600)
+                beats.append(info.lease_until.timestamp())
+            except Exception as exc:  # recorded: the test fails on any
+                errors.append(f"{type(exc).__name__}: {exc}")
 
     beater = threading.Thread(target=beat, daemon=True)
     beater.start()
+    writes = 0
     try:
-        deadline = time.monotonic() + 3
-        step = 0
-        while time.monotonic() < deadline:
-            step += 1
+        # Interleave until both threads have written many times (a count, not a sleep).
+        while writes < 100 or len(beats) < 20:
+            writes += 1
             with ctx.factory.begin() as s:
-                update_progress(s, job.id, owner="w", phase="train", progress={"step": step})
+                update_progress(s, job.id, owner="w", phase="train", progress={"step": writes})
+            assert writes < 100_000, "the heartbeat thread never got a write in"
     finally:
         stop.set()
         beater.join(timeout=10)
+    assert errors == [], errors[:3]
+    assert beats == sorted(beats)  # each renewal extended the lease
+    with ctx.factory.begin() as s:
+        row = get_job(s, job.id)
+    assert row.progress == {"step": writes} and row.phase == "train"
+    assert row.state == JobState.RUNNING and row.owner == "w"
