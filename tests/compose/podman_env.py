@@ -163,7 +163,11 @@ class Podman:
         for m in sorted(mounts):
             args += ["-v", f"{m}:{m}:ro"]
         t0 = time.monotonic()
-        self.run(*args, "-t", tag, "-f", str(repo / "Dockerfile"), str(repo), log=log)
+        dockerfile = ["-f", str(repo / "Dockerfile"), str(repo)]
+        # The build stage tagged too: its layers (torch, the dependencies) are then
+        # not dangling, and survive prune() as the next build's cache.
+        self.run(*args, "--target", "build", "-t", f"{tag}-build", *dockerfile, log=log)
+        self.run(*args, "-t", tag, *dockerfile, log=log)
         self._timed("kronlink image", t0)
 
     def build_services(self, base: str, tag: str, log: Path) -> None:

@@ -6,10 +6,11 @@ the rest of the page."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from experiment_helpers import tiny_config
+from experiment_helpers import TINY_CONFIG, tiny_config
 
 from kronlink.cli import main
 from kronlink.errors import ConfigError
@@ -23,6 +24,21 @@ def done(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     path = tiny_config(tmp)
     assert main(["experiment", str(path)]) == 0
     return path, {"tmp": tmp}
+
+
+@pytest.fixture
+def own_copy(done, tmp_path: Path) -> Path:
+    """The finished experiment's results copied for one test that changes them:
+    no test depends on what another one did to the shared run."""
+    path, info = done
+    shutil.copytree(info["tmp"] / "results", tmp_path / "results")
+    copy = tmp_path / "tiny.toml"
+    copy.write_text(
+        TINY_CONFIG.format(results=tmp_path / "results", tasks=info["tmp"] / "tasks", epochs=1),
+        encoding="utf-8",
+    )
+    assert load_config(copy).results_dir != load_config(path).results_dir
+    return copy
 
 
 def _count(store: RunStore, kind: str) -> int:
@@ -62,8 +78,8 @@ def test_every_tier_is_stored(done) -> None:
     assert kept & grid_ids == chosen
 
 
-def test_second_run_runs_nothing_and_a_change_reruns(done, capsys) -> None:
-    path, _ = done
+def test_second_run_runs_nothing_and_a_change_reruns(own_copy, capsys) -> None:
+    path = own_copy
     capsys.readouterr()
     assert main(["experiment", str(path)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -76,8 +92,8 @@ def test_second_run_runs_nothing_and_a_change_reruns(done, capsys) -> None:
     assert res.ran == 3
 
 
-def test_pruned_parent_weights_are_rebuilt(done) -> None:
-    path, _ = done
+def test_pruned_parent_weights_are_rebuilt(own_copy) -> None:
+    path = own_copy
     cfg = load_config(path)
     store = RunStore(cfg.results_dir)
     res = collect_results(cfg)
