@@ -3,8 +3,9 @@
 Each request gets an id (the caller's ``X-Request-ID`` when it is a sane
 token, else a new one); it is returned in the response header, carried by a
 context variable, and added to every log record made while the request runs.
-``configure_logging`` is called once per process by ``kronlink serve``; the
-app itself never configures logging.
+``configure_logging`` is called once per server process by
+``service.app.app_from_env`` (what ``kronlink serve`` starts); ``create_app``
+itself never configures logging.
 """
 
 from __future__ import annotations

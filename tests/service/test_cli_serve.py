@@ -70,7 +70,7 @@ def test_up_starts_service_and_worker_and_ctrl_c_stops_both(tmp_path) -> None:
         assert httpx.get(f"{url}/v1/jobs").status_code == 401
         assert (tmp_path / "data" / "kronlink.db").exists()  # migrated by `up`
         ready = httpx.get(f"{url}/readyz").json()
-        assert ready["checks"]["database"]["ok"] and not ready["ready"]  # no version yet
+        assert ready["registry"]["ok"] and not ready["ready"]  # no version yet
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]

@@ -138,7 +138,13 @@ def test_a_corrupt_artifact_is_never_activated_nor_served(registry, server) -> N
     shutil.rmtree(folder(v4))  # gone altogether
     root = Path(registry.settings.data_dir)
     with server.client() as c:
-        wait_until(lambda: c.get("/readyz").status_code == 200)
+        # ready with v2 itself: the replica may have loaded v1 before v2 was activated
+        wait_until(
+            lambda: (
+                (c.get("/readyz").json()["checks"]["model:main"]["version"] or {}).get("id")
+                == v2.id
+            )
+        )
         assert _served(c) == v2.id
         before = snapshot(f, root)
         for v, file in ((v3, "model.safetensors"), (v1, "config.json")):
