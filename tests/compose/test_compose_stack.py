@@ -194,6 +194,10 @@ def stack(podman: Podman, tmp_path: Path) -> Iterator[tuple[str, Podman, Path]]:
         podman.timings["stack down"] = round(time.monotonic() - t_down, 1)
         podman.timings["total"] = round(time.monotonic() - t0, 1)
         print(f"\ncompose stack timings (s): {podman.timings}; log {log}")
+        if os.environ.get("KRONLINK_COMPOSE_TIMINGS"):  # a record for docs/operations.md
+            record = {"timings_s": podman.timings, "cache": str(podman.root)}
+            record["loadavg"] = os.getloadavg()
+            Path(os.environ["KRONLINK_COMPOSE_TIMINGS"]).write_text(json.dumps(record, indent=1))
         assert left.stdout.strip() == "", f"containers left behind: {left.stdout}"
 
 
