@@ -136,7 +136,8 @@ def test_memory_stays_within_the_bound(soak: dict) -> None:
     assert set(soak["memory"]) == {"worker", "replica-a", "replica-b"}
     for name, m in soak["memory"].items():
         assert m["start_mib"] > 50, m  # a real process with torch loaded was measured
-        assert m["growth_mib"] == round(m["end_mib"] - m["start_mib"], 1), m
+        # each figure is rounded to 0.1 MiB on its own
+        assert abs(m["growth_mib"] - (m["end_mib"] - m["start_mib"])) <= 0.11, m
         allowed = max(RSS_BOUND_MIB, m["start_mib"] * RSS_BOUND_PCT / 100)
         assert m["growth_mib"] <= allowed, f"{name}: {m} (bound {allowed:.0f} MiB)"
         # no swap after the rollback: serving alone must not grow memory
