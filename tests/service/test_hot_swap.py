@@ -252,6 +252,7 @@ def test_a_corrupt_version_is_reported_and_the_old_one_keeps_serving(tmp_path) -
         )
         assert "still serving" in check["detail"]
         body = {"mention": "x", "candidates": CANDS}
+
         def load_failures() -> float:
             return next(
                 float(line.split()[-1])
