@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,23 @@ def spec_id(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(spec).encode("utf-8")).hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _sibling_tmp(path: Path) -> Path:
+    """A temp name of its own beside ``path``: two processes writing the same
+    record (runs side by side, or a re-run racing a resumed one) must never
+    share one, or one's rename publishes the other's half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = _sibling_tmp(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class RunStore:
@@ -86,11 +99,13 @@ class RunStore:
 
     def save_weights(self, run_id: str, model: torch.nn.Module) -> None:
         path = self.model_path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        tmp = _sibling_tmp(path)
+        try:
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_weights(self, run_id: str) -> dict[str, torch.Tensor] | None:
         path = self.model_path(run_id)
