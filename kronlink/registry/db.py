@@ -61,7 +61,7 @@ def create_engine_from_url(url: str | URL, **kwargs: Any) -> Engine:
     """
     u = _normalise(url)
     if u.get_backend_name() == "postgresql":
-        return create_engine(u, pool_pre_ping=True, **kwargs)
+        return _postgres_engine(u, **kwargs)
 
     if u.database and u.database != ":memory:":
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +86,33 @@ def create_engine_from_url(url: str | URL, **kwargs: Any) -> Engine:
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(_BEGIN_OPTION, "IMMEDIATE")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _postgres_engine(u: URL, **kwargs: Any) -> Engine:
+    # Ask for UTF-8 on the wire whatever the server's encoding: on a database
+    # created SQL_ASCII, psycopg otherwise hands back bytes for text and
+    # SQLAlchemy's first query dies with an unrelated TypeError. With UTF-8 on
+    # the wire the refusal below can name the real problem.
+    connect_args = {"client_encoding": "utf8", **kwargs.pop("connect_args", {})}
+    engine = create_engine(u, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _check_encoding(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SHOW server_encoding")
+        (encoding,) = cursor.fetchone()
+        cursor.close()
+        if str(encoding).upper() not in ("UTF8", "UTF-8"):
+            # SQL_ASCII stores bytes unchecked: mentions and names with
+            # non-ASCII letters would come back undecodable or mixed.
+            raise ConfigError(
+                f"database {u.database!r} on {u.host or 'localhost'} has encoding "
+                f"{encoding}; kronlink needs UTF8. Create it with "
+                f"`createdb -E UTF8 -T template0 {u.database}` (or CREATE DATABASE ... "
+                "ENCODING 'UTF8' TEMPLATE template0) and point the URL at it"
+            )
 
     return engine
 

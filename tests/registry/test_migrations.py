@@ -88,3 +88,30 @@ def test_upgrade_from_0001_keeps_rows_and_downgrade_reverts(empty_db_url: str) -
             assert conn.execute(text("SELECT count(*) FROM ontologies")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_sql_ascii_database_is_refused_with_the_fix(pg_server, capsys) -> None:
+    """A database created SQL_ASCII (initdb's default under a C locale) made
+    the first query die with "cannot use a string pattern on a bytes-like
+    object"; it now gets a refusal that says what to create instead."""
+    import uuid
+
+    import pytest
+
+    from kronlink.errors import ConfigError
+
+    name = f"kronlink_ascii_{uuid.uuid4().hex[:8]}"
+    with pg_server.admin.connect() as conn:
+        conn.execute(
+            text(
+                f"CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
+        )
+    pg_server.created.append(name)
+    url = pg_server.admin.url.set(database=name).render_as_string(hide_password=False)
+    with pytest.raises(ConfigError, match=r"SQL_ASCII; kronlink needs UTF8.*createdb -E UTF8"):
+        upgrade(url)
+    assert main(["db", "upgrade", "--url", url]) != 0
+    err = capsys.readouterr().err
+    assert "needs UTF8" in err and "Traceback" not in err
