@@ -6,23 +6,27 @@ run; this module runs one thing and stores it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.schema import Query
 from kronlink.errors import KronlinkError
-from kronlink.evaluation import evaluate
+from kronlink.evaluation import evaluate, metrics_from_ranks, rank_of_gold
 from kronlink.experiments.config import PENALTIES, ExperimentConfig, RankerSpec
 from kronlink.experiments.metrics import Choice
 from kronlink.experiments.store import RunStore, spec_id
 from kronlink.models import Ranker, build_ranker
+from kronlink.models.base import masked_log_softmax
 from kronlink.penalties import build_penalty, predicted_forgetting
 from kronlink.strategies import lrc_param_groups
 from kronlink.training import pick_device, seed_everything, train
@@ -101,9 +105,53 @@ def _subset(queries: Sequence[Query], n: int | None, seed: int) -> list[Query]:
     return picked[:n]
 
 
+@torch.no_grad()
+def test_ranks(model: Ranker, queries: Sequence[Query], batch_size: int) -> tuple[list[int], float]:
+    """Per-query rank of the gold (1-based, 0 when absent: as ``evaluate``)
+    and the mean negative log-likelihood of the gold over the queries whose
+    gold is among the candidates (NaN if none)."""
+    was_training = model.training
+    model.eval()
+    ranks: list[int] = []
+    nll_sum, nll_n = 0.0, 0
+    try:
+        for start in range(0, len(queries), batch_size):
+            batch = model.encode(list(queries[start : start + batch_size])).to(model.device)
+            scores = model(batch).float()
+            ranks.extend(rank_of_gold(scores, batch.candidate_mask, batch.labels))
+            logp = masked_log_softmax(scores, batch.candidate_mask)
+            has = batch.labels >= 0
+            if bool(has.any()):
+                gold = logp.gather(1, batch.labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+                nll_sum -= float(gold[has].sum())
+                nll_n += int(has.sum())
+    finally:
+        model.train(was_training)
+    return ranks, (nll_sum / nll_n if nll_n else math.nan)
+
+
+@functools.lru_cache(maxsize=32)
+def folder_digest(folder: str) -> str:
+    """sha256 over a folder's file names and contents: a prebuilt task or an
+    encoder keyed by what it holds, not where it lies, so a run record made on
+    one machine is found again on another that holds the same inputs."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode("utf-8") + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _ranker_key(r: RankerSpec) -> dict:
     # The name is a label: renaming a ranker must not rerun it.
-    return {"kind": r.kind, "model": dict(r.model), "train": dict(r.train)}
+    model = dict(r.model)
+    enc = model.get("encoder")
+    if isinstance(enc, str) and enc not in ("none", "default") and Path(enc).is_dir():
+        model["encoder"] = {"folder": Path(enc).name, "sha256": folder_digest(enc)}
+    return {"kind": r.kind, "model": model, "train": dict(r.train)}
 
 
 class _Engine:
@@ -116,6 +164,7 @@ class _Engine:
         rankers: Sequence[str] | None = None,
         seeds: Sequence[int] | None = None,
         deadline: float | None = None,
+        guess_seconds: Mapping[str, float] | None = None,
         on_event: Event | None = None,
     ) -> None:
         self.cfg = cfg
@@ -124,8 +173,12 @@ class _Engine:
         self.only_rankers = set(rankers) if rankers else None
         self.seeds = list(seeds) if seeds is not None else list(cfg.seeds)
         self.deadline = deadline
+        # Seconds a run of each kind takes: a prior guess (the dry run's), then
+        # the longest seen in this invocation. No run starts that would not fit.
+        self.guess = dict(guess_seconds or {})
+        self.longest: dict[str, float] = {}
         self.emit = on_event or (lambda _m: None)
-        self.store = RunStore(cfg.results_dir)
+        self.store = RunStore(cfg.results_dir, cfg.scratch)
         self.results = Results(cfg)
         self.device = pick_device(cfg.device)
         self._tasks: dict[str, TaskData] = {}
@@ -140,7 +193,7 @@ class _Engine:
         t = self.cfg.tasks
         folder = self.cfg.task_dir(name)
         build = (
-            {"dir": str(folder)}
+            {"dir": folder.name, "sha256": folder_digest(str(folder))}
             if folder is not None
             else {
                 "builder": name,
@@ -168,7 +221,9 @@ class _Engine:
 
         build = key["build"]
         if "dir" in build:
-            task = load_task(build["dir"])
+            folder = self.cfg.task_dir(key["name"])
+            assert folder is not None
+            task = load_task(folder)
         else:
             folder = self.store.task_dir(key["name"], build)
             if (folder / "task.json").exists():
@@ -198,9 +253,18 @@ class _Engine:
 
     # ---- models, states ----------------------------------------------------------
 
-    def _check_time(self) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise OutOfTime("time budget spent")
+    def _check_time(self, kind: str = "") -> None:
+        if self.deadline is None:
+            return
+        need = self.longest.get(kind, self.guess.get(kind, 0.0))
+        left = self.deadline - time.monotonic()
+        if left <= need:
+            raise OutOfTime(
+                f"time budget: {left:.0f} s left, a {kind or 'run'} needs ~{need:.0f} s"
+            )
+
+    def _took(self, kind: str, seconds: float) -> None:
+        self.longest[kind] = max(self.longest.get(kind, 0.0), seconds)
 
     def _new_model(self, ranker: RankerSpec, seed: int) -> Ranker:
         seed_everything(seed)  # the head is randomly initialised
@@ -244,7 +308,8 @@ class _Engine:
         if not self.execute:
             self.results.missing.append(f"state {sid}")
             raise Missing(f"curvature state {sid} is not stored")
-        self._check_time()
+        self._check_time("state")
+        wall0 = time.perf_counter()
         model = self._model_of(record, ranker, seed)
         data = self.task(task_key)
         queries = _subset(data.train, c.limit, self.cfg.tasks.seed)
@@ -263,6 +328,7 @@ class _Engine:
             "state", spec, {"seconds": seconds, "n_examples": curvature.n_examples, **stats}
         )
         self.results.states[sid] = rec
+        self._took("state", time.perf_counter() - wall0)
         self.emit(f"curvature of {data.name} on run {record['id']}: {seconds:.1f} s")
         return sid
 
@@ -277,13 +343,18 @@ class _Engine:
         out = {}
         for t in tasks:
             dev = evaluate(model, t.dev, batch_size=eval_bs)
-            test = evaluate(model, t.test, batch_size=eval_bs)
+            ranks, nll = test_ranks(model, t.test, eval_bs)
+            test = metrics_from_ranks(ranks)
             out[t.name] = {
                 "dev": dev.accuracy,
                 "test": test.accuracy,
                 "test_mrr": test.mrr,
                 "n_dev": dev.n,
                 "n_test": test.n,
+                # Per query, in the test split's order: the bootstrap over
+                # queries (endpoint.py) resamples these.
+                "test_ranks": ranks,
+                "test_nll": nll,
             }
         return out
 
@@ -307,7 +378,8 @@ class _Engine:
         rid = spec_id(spec)
 
         def make() -> dict:
-            self._check_time()
+            self._check_time(kind)
+            wall0 = time.perf_counter()
             model = start()
             cfg = ranker.train_config(seed, self.cfg.device)
             states = [self._load_state(s) for s in priors]
@@ -346,6 +418,7 @@ class _Engine:
             }
             rec = self.store.put(kind, spec, result)
             self.results.ran += 1
+            self._took(kind, time.perf_counter() - wall0)
             what = f"{method}{'' if not lambdas else ' λ=' + ','.join(f'{v:g}' for v in lambdas)}"
             accs = ", ".join(f"{t} {m['test']:.3f}" for t, m in metrics.items())
             self.emit(f"{kind} {rid} {what}: test {accs} ({t_train:.1f} s)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kronlink.experiments.report_endpoint import endpoint_section
 from kronlink.experiments.report_extra import _early, _figure2, _front, _layers, _wall
 from kronlink.experiments.report_tables import (
     PAPER_FORGETTING_REDUCTION,
@@ -56,6 +57,9 @@ def render_report(res: Results, img_dir: Path | None = None, img_rel: str | None
         lines += ["#### The λ front (tier 2): every grid run, mean over orderings and seeds", ""]
         lines += [*_front(v), ""]
         lines += ["#### Grid λ (old dev data) against the data-free λ", "", *_data_free(v), ""]
+        endpoint = endpoint_section(v)
+        if endpoint:
+            lines += ["#### Pre-registered endpoint: paired drop difference", "", *endpoint, ""]
         if res.layers:
             lines += ["#### Which layers the penalty weighs (tier 2)", "", *_layers(v), ""]
         for key in ("percdelta", "front"):

@@ -25,7 +25,7 @@ evaluation functions run here: this module decides what to run and stores it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kronlink.experiments.config import ExperimentConfig, RankerSpec, TierSpec
@@ -198,7 +198,7 @@ class _Protocol(_Engine):
             rec = self._stage("tier2", ranker, seed, single, [ka], kb, "none", [], [], keep)
         else:
             none = self.tier2(ranker, rule, seed, ordering, "none")
-            grid = ranker.grid or self.cfg.selection.grid
+            grid = ranker.grid_for(method, self.cfg.selection.grid)
             search = self._search(
                 "tier2", ranker, seed, single, [ka], kb, method,
                 [(float(v),) for v in grid], [sa], none, keep,
@@ -206,7 +206,8 @@ class _Protocol(_Engine):
             self.results.tier2_search[key] = search
             rec = search.chosen
         self.results.tier2[key] = rec
-        self.layers(key, rec, sa, ranker, seed)
+        if self.cfg.tier2.layers:
+            self.layers(key, rec, sa, ranker, seed)
         return rec
 
     def layers(self, key: tuple, record: dict, sid: str, ranker: RankerSpec, seed: int) -> None:
@@ -219,11 +220,13 @@ class _Protocol(_Engine):
             if not self.execute:
                 self.results.missing.append(f"layers {spec_id(spec)}")
                 return
-            self._check_time()
+            self._check_time("layers")
+            wall0 = time.perf_counter()
             model = self._model_of(record, ranker, seed)
             rec = self.store.put(
                 "layers", spec, {"omega": omega_by_layer(model, self._load_state(sid))}
             )
+            self._took("layers", time.perf_counter() - wall0)
         self.results.layers[key] = rec
 
     def tier3(
@@ -242,7 +245,7 @@ class _Protocol(_Engine):
             sa = self.state(single, ka, ranker, seed)
             sb = self.state(stage2, kb, ranker, seed)
             none = self.tier3(ranker, rule, seed, ordering, "none")
-            grid = [float(v) for v in (ranker.grid or self.cfg.selection.grid)]
+            grid = [float(v) for v in ranker.grid_for(method, self.cfg.selection.grid)]
             if self.cfg.tier3.search == "carry":
                 # A's penalty keeps the weight tier 2 chose for it; B's is searched.
                 lam_a = float(stage2["spec"]["lambdas"][0])
@@ -298,7 +301,7 @@ class _Protocol(_Engine):
                 )
             else:
                 sa = self.state(single, ka, ranker, seed)
-                grid = ranker.grid or self.cfg.selection.grid
+                grid = ranker.grid_for(method, self.cfg.selection.grid)
                 search = self._search(
                     "early", ranker, seed, single, [ka], kb, method,
                     [(float(v),) for v in grid], [sa], none, False,
@@ -320,7 +323,7 @@ class _Protocol(_Engine):
             if not self.execute:
                 self.results.missing.append("figure2")
                 raise Missing("figure 2 is not stored")
-            self._check_time()
+            self._check_time("figure2")
             result = figure2_run(self.task(key).train, spec_cfg, path)
             rec = self.store.put("figure2", spec, result)
             self.results.ran += 1
@@ -406,10 +409,13 @@ def run_experiment(
     seeds: Sequence[int] | None = None,
     max_seconds: float | None = None,
     on_event: Event | None = None,
+    guess_seconds: Mapping[str, float] | None = None,
 ) -> Results:
     """Run every run of ``cfg`` that is not stored yet (optionally only some
-    tiers, rankers or seeds). With ``max_seconds``, no new run starts after
-    that budget; ``Results.complete`` is then False and a rerun goes on."""
+    tiers, rankers or seeds). With ``max_seconds``, no run starts that would
+    not end inside that budget (its length: the longest of its kind so far,
+    else ``guess_seconds[kind]``, else 0); ``Results.complete`` is then False
+    and a rerun goes on."""
     deadline = time.monotonic() + max_seconds if max_seconds is not None else None
     proto = _Protocol(
         cfg,
@@ -419,6 +425,7 @@ def run_experiment(
         seeds=seeds,
         deadline=deadline,
         on_event=on_event,
+        guess_seconds=guess_seconds,
     )
     return proto.run()
 
