@@ -41,7 +41,7 @@ __all__ = [
 CARRY_LIMIT = 64 * 2**20  # bytes a device command carries
 CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "decisive.toml"
 THROUGHPUT = Path(__file__).resolve().parents[2] / "experiments" / "decisive_throughput.json"
-SMOKE_LIMITS = (12, 6, 10)  # train, dev, test queries a task in the smoke form
+SMOKE_LIMITS = (8, 4, 6)  # train, dev, test queries a task in the smoke form
 
 
 # ---- inputs ----------------------------------------------------------------------
@@ -144,13 +144,16 @@ def instantiate(
     for r in raw["rankers"].values():
         r["model"] = {**r.get("model", {}), "encoder": str(inputs / "encoder")}
         if smoke:
+            # the task folders already hold the smoke sizes (prepare --smoke)
             r["limits"] = list(SMOKE_LIMITS)
             r["train"] = {**r["train"], "epochs": 1, "batch_size": 4, "evals_per_epoch": 1}
             r["model"]["num_layers"] = 1
-            r["model"]["max_length"] = 24
+            r["model"]["max_length"] = 32
             r["method_grids"] = {m: g[:1] for m, g in r.get("method_grids", {}).items()}
     if smoke:
         raw["seeds"] = raw["seeds"][:1]
+        names = raw["tasks"]["names"]
+        raw["tier2"]["orderings"] = [[names[0], names[1]], [names[1], names[2]]]
         raw["curvature"]["limit"] = 8
         raw["curvature"]["batch_size"] = 4
     return parse_config(raw, path=out / "decisive.toml")
@@ -203,7 +206,7 @@ def plan(cfg: Any) -> list[Phase]:
     for name in cfg.tasks.names:
         run_cost(t1, name, [name], False)
     states = Phase("curvature of each tier-1 model", "state")
-    for name in cfg.tasks.names:
+    for name in sorted({o[0] for o in cfg.orderings(cfg.tier2, 2)}):
         states.runs += seeds
         states.curvature_queries += seeds * min(cfg.curvature.limit or 1e18, sizes[name][0])
     t2 = Phase("tier 2 (every ordering, method, λ)", "tier2")
@@ -214,8 +217,8 @@ def plan(cfg: Any) -> list[Phase]:
             grid = r.grid_for(m, cfg.selection.grid)
             for _ in grid if m != "none" else [None]:
                 run_cost(t2, b, [a, b], m != "none")
-            layers.runs += seeds
-    return [t1, states, t2, layers]
+            layers.runs += seeds if cfg.tier2.layers else 0
+    return [t1, states, t2] + ([layers] if layers.runs else [])
 
 
 def _seconds(ph: Phase, tp: Mapping[str, float]) -> float:
@@ -272,7 +275,7 @@ def load_throughputs(path: Path = THROUGHPUT) -> dict[str, dict[str, Any]]:
     ``source`` says which) and, when measured, this machine's CPU profile."""
     profiles = json.loads(path.read_text(encoding="utf-8"))
     if CPU_RECORD.exists():
-        profiles["cpu (measured)"] = json.loads(CPU_RECORD.read_text(encoding="utf-8"))
+        profiles["cpu"] = json.loads(CPU_RECORD.read_text(encoding="utf-8"))
     return profiles
 
 
@@ -294,7 +297,7 @@ def measure(inputs: Path, n_train: int = 64, n_eval: int = 128) -> dict[str, Any
     task = load_task(inputs / "tasks" / cfg.tasks.names[0])
     tr = task.split("train")[:n_train]
     ev = task.split("test")[:n_eval]
-    tc = replace(r.train_config(0, "cpu"), epochs=1, evals_per_epoch=0)
+    tc = replace(r.train_config(0, "cpu"), epochs=1, evals_per_epoch=1)
     model_kw = {k: None if v == "none" else v for k, v in r.model.items()}
 
     def new_model() -> Any:
@@ -361,6 +364,8 @@ def run(
     cfg = instantiate(inputs, out, scratch=scratch, smoke=smoke, device=device)
     phases = plan(cfg)
     tp = load_throughputs()
+    if profile not in tp:
+        raise SystemExit(f"--profile {profile!r}: expected one of {sorted(tp)} ({THROUGHPUT})")
     guess = guesses(phases, tp[profile])
 
     def event(message: str) -> None:
@@ -403,6 +408,7 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--smoke", action="store_true")
     r.add_argument("--profile", default="h200", help="throughput profile for the deadline")
     r.add_argument("--device", default=None)
+    r.add_argument("--scratch", type=Path, default=None, help="weights and states")
     m = sub.add_parser("measure", help="this machine's throughput, stored as a record")
     m.add_argument("inputs", type=Path)
     args = ap.parse_args(argv)
@@ -434,6 +440,7 @@ def _main(argv: list[str] | None = None) -> int:
         smoke=args.smoke,
         profile=args.profile,
         device=args.device,
+        scratch=args.scratch,
     )
     print(json.dumps(summary))
     return 0 if summary["complete"] else 3
