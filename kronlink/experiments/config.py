@@ -35,6 +35,9 @@ __all__ = [
 
 # The paper's λ grid (arXiv 2111.06012, Table 3).
 PAPER_GRID = (1e1, 1e3, 1e5, 1e7, 1e9)
+# Tier 3's λ procedures: A's carried and B's on the grid; both on the grid;
+# the paper's appendix A (B's around its tier-2 λs, chosen on B's drop).
+TIER3_SEARCH = ("carry", "joint", "appendix_a")
 TIERS = ("tier1", "combined", "tier2", "tier3", "early")
 PENALTIES = PENALTY_METHODS
 EARLY_METHODS = ("none", "lrc", "replay", *PENALTIES)
@@ -101,7 +104,7 @@ class RankerSpec:
 class TierSpec:
     methods: tuple[str, ...] = ("none", "ewc", "kfc", "ekfac")
     orderings: tuple[tuple[str, ...], ...] | None = None  # None: every ordering
-    search: str = "carry"  # tier 3: "carry" or "joint" (see docs/experiments.md)
+    search: str = "carry"  # tier 3: one of TIER3_SEARCH (see docs/experiments.md)
     seeds: tuple[int, ...] | None = None  # None: the top-level seeds
     layers: bool = True  # tier 2: store Ω by layer of each chosen run
 
@@ -206,8 +209,10 @@ def _check(cfg: ExperimentConfig) -> None:
                 f"[{tier}] methods must include 'none' (the reference of the λ rule) and "
                 f"otherwise be among {list(PENALTIES)}, got {list(spec.methods)}"
             )
-        if spec.search not in ("carry", "joint"):
-            raise ConfigError(f"[{tier}] search must be 'carry' or 'joint', got {spec.search!r}")
+        if spec.search not in TIER3_SEARCH:
+            raise ConfigError(
+                f"[{tier}] search must be one of {list(TIER3_SEARCH)}, got {spec.search!r}"
+            )
         for o in spec.orderings or ():
             _check_ordering(o, length, names, tier)
     _check_ordering(cfg.early.ordering, 2, names, "early")

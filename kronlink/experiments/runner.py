@@ -24,6 +24,8 @@ evaluation functions run here: this module decides what to run and stores it.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -147,14 +149,16 @@ class _Protocol(_Engine):
         priors: Sequence[str],
         reference: dict,
         keep_weights: bool,
+        select_on: Sequence[str] | None = None,
     ) -> Search:
         """Runs every λ vector of ``candidates`` and applies both rules, with
-        ``reference`` (the unpenalised run) as the new task's yardstick."""
+        ``reference`` (the unpenalised run) as the new task's yardstick; the
+        old-data rule weighs the drops of ``select_on`` (default: every prior)."""
         rows = [
             self._stage(tier, ranker, seed, parent, seen, new, method, lam, priors, keep_weights)
             for lam in candidates
         ]
-        names = [k["name"] for k in seen]
+        names = list(select_on) if select_on else [k["name"] for k in seen]
         new_name = new["name"]
         grid = [
             GridRow(
@@ -250,16 +254,35 @@ class _Protocol(_Engine):
                 # A's penalty keeps the weight tier 2 chose for it; B's is searched.
                 lam_a = float(stage2["spec"]["lambdas"][0])
                 candidates = [(lam_a, v) for v in grid]
+            elif self.cfg.tier3.search == "appendix_a":
+                # The paper's appendix A: B's λ searched x/÷100 around the
+                # geometric mean of the λs tier 2 chose with B as the old task,
+                # chosen on B's drop alone; A's λ carried as above.
+                lam_a = float(stage2["spec"]["lambdas"][0])
+                centre = self._geometric_tier2_lambda(ranker, rule, seed, b, method)
+                candidates = [(lam_a, float(f"{centre * 10.0**k:.12g}")) for k in range(-2, 3)]
             else:
                 candidates = [(u, v) for u in grid for v in grid]
+            select_on = [b] if self.cfg.tier3.search == "appendix_a" else None
             search = self._search(
                 "tier3", ranker, seed, stage2, [ka, kb], kc, method, candidates, [sa, sb],
-                none, False,
+                none, False, select_on,
             )  # fmt: skip
             self.results.tier3_search[key] = search
             rec = search.chosen
         self.results.tier3[key] = rec
         return rec
+
+    def _geometric_tier2_lambda(
+        self, ranker: RankerSpec, rule: str, seed: int, old: str, method: str
+    ) -> float:
+        """Geometric mean of the λs tier 2 chose for ``method`` on every (old, X)."""
+        lams = [
+            float(self.tier2(ranker, rule, seed, (old, x), method)["spec"]["lambdas"][0])
+            for x in self.cfg.tasks.names
+            if x != old
+        ]
+        return math.exp(statistics.fmean(math.log(v) for v in lams))
 
     def early(self, ranker: RankerSpec, rule: str, seed: int) -> None:
         e = self.cfg.early
