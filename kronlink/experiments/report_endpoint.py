@@ -146,13 +146,15 @@ def endpoint_section(v: _View) -> list[str]:
     if not rows:
         return []
     lines = [
-        'Pre-registered in docs/experiments.md ("The decisive experiment"). Per (ordering, '
-        "seed) pair: the old task's test drop under the first method minus under the second, "
+        "The endpoint pre-registered for the decisive experiment (docs/experiments.md), "
+        "computed on this config's records (the registered test is experiments/decisive.toml "
+        "alone). Per (ordering, seed) pair: the old task's test drop under the first method minus under the second, "
         "each at its data-free λ, in points; mean over pairs with a 95% hierarchical bootstrap "
         f"interval ({N_BOOT:,} draws: seeds within orderings, then test queries within each "
         "drawn pair from the stored per-query ranks). Positive: the second method forgets "
         "less. 'pairs for 1.3' is the number of pairs a paired test at α = 0.05 needs for "
-        "power 0.8 at this between-pair sd.",
+        "power 0.8 at this between-pair sd. With few seeds per ordering, a bootstrap over "
+        "seeds alone understates the spread.",
         "",
     ]
     lines += _table(
