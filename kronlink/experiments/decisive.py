@@ -409,6 +409,11 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="h200", help="throughput profile for the deadline")
     r.add_argument("--device", default=None)
     r.add_argument("--scratch", type=Path, default=None, help="weights and states")
+    w = sub.add_parser("report", help="the section of docs/results.md from OUT/results")
+    w.add_argument("inputs", type=Path)
+    w.add_argument("out", type=Path, help="a returned OUT (holding results/)")
+    w.add_argument("--md", type=Path, default=Path("docs/results.md"))
+    w.add_argument("--smoke", action="store_true")
     m = sub.add_parser("measure", help="this machine's throughput, stored as a record")
     m.add_argument("inputs", type=Path)
     args = ap.parse_args(argv)
@@ -429,6 +434,16 @@ def _main(argv: list[str] | None = None) -> int:
         total = folder_bytes(args.inputs)
         print(json.dumps({"bytes": sizes, "total": total, "limit": CARRY_LIMIT}))
         return 0 if total <= CARRY_LIMIT else 1
+    if args.cmd == "report":
+        from kronlink.experiments import collect_results, render_report, write_section
+
+        cfg = instantiate(args.inputs, args.out, smoke=args.smoke)
+        res = collect_results(cfg)
+        write_section(args.md, cfg.name, render_report(res))
+        print(
+            json.dumps({"section": cfg.name, "complete": res.complete, "missing": len(res.missing)})
+        )
+        return 0
     if args.cmd == "dry-run":
         cfg = instantiate(args.inputs, Path("/tmp/kronlink-decisive-dry"), smoke=args.smoke)
         print(budget_table(plan(cfg), load_throughputs()))

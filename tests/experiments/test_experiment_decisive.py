@@ -22,6 +22,7 @@ from kronlink.data.io import save_task
 from kronlink.experiments import run_experiment
 from kronlink.experiments.decisive import (
     CARRY_LIMIT,
+    _main,
     folder_bytes,
     instantiate,
     plan,
@@ -87,6 +88,9 @@ def test_smoke_command_writes_records_resumes_and_reports(inputs: Path, tmp_path
     again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["ran"] == 0
+    md = tmp_path / "results.md"
+    assert _main(["report", str(inputs), str(out), "--md", str(md), "--smoke"]) == 0
+    assert "kronlink-report:decisive:begin" in md.read_text()
 
 
 def test_deadline_starts_no_run_that_would_not_fit(inputs: Path, tmp_path: Path) -> None:
