@@ -35,6 +35,9 @@ __all__ = [
 
 # The paper's λ grid (arXiv 2111.06012, Table 3).
 PAPER_GRID = (1e1, 1e3, 1e5, 1e7, 1e9)
+# Tier 3's λ procedures: A's carried and B's on the grid; both on the grid;
+# the paper's appendix A (B's around its tier-2 λs, chosen on B's drop).
+TIER3_SEARCH = ("carry", "joint", "appendix_a")
 TIERS = ("tier1", "combined", "tier2", "tier3", "early")
 PENALTIES = PENALTY_METHODS
 EARLY_METHODS = ("none", "lrc", "replay", *PENALTIES)
@@ -81,9 +84,15 @@ class RankerSpec:
     tier2_orderings: tuple[tuple[str, ...], ...] | None = None
     tier2_methods: tuple[str, ...] | None = None
     grid: tuple[float, ...] | None = None
+    # One λ grid per penalty (around each method's knee), over ``grid``.
+    method_grids: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     # [train, dev, test] subset sizes for this ranker, replacing [tasks]' (a
     # transformer on CPU sees fewer queries than the CNN).
     limits: tuple[int | None, int | None, int | None] | None = None
+
+    def grid_for(self, method: str, default: Sequence[float]) -> tuple[float, ...]:
+        """The λ grid ``method`` is searched on for this ranker."""
+        return tuple(self.method_grids.get(method) or self.grid or default)
 
     def train_config(self, seed: int, device: str | None) -> TrainConfig:
         # TOML has no null: "none" stands for None (e.g. head_lr = "none": one rate).
@@ -95,8 +104,9 @@ class RankerSpec:
 class TierSpec:
     methods: tuple[str, ...] = ("none", "ewc", "kfc", "ekfac")
     orderings: tuple[tuple[str, ...], ...] | None = None  # None: every ordering
-    search: str = "carry"  # tier 3: "carry" or "joint" (see docs/experiments.md)
+    search: str = "carry"  # tier 3: one of TIER3_SEARCH (see docs/experiments.md)
     seeds: tuple[int, ...] | None = None  # None: the top-level seeds
+    layers: bool = True  # tier 2: store Ω by layer of each chosen run
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,7 @@ class ExperimentConfig:
     path: Path | None = None  # the TOML file; relative task dirs resolve against it
     description: str = ""
     results: str | None = None  # folder for run records; None: results/<name>
+    scratch: str | None = None  # weights, states, built tasks; None: the results folder
     seeds: tuple[int, ...] = (0,)
     device: str | None = None
     tasks: TaskSpec = field(default_factory=TaskSpec)
@@ -198,8 +209,10 @@ def _check(cfg: ExperimentConfig) -> None:
                 f"[{tier}] methods must include 'none' (the reference of the λ rule) and "
                 f"otherwise be among {list(PENALTIES)}, got {list(spec.methods)}"
             )
-        if spec.search not in ("carry", "joint"):
-            raise ConfigError(f"[{tier}] search must be 'carry' or 'joint', got {spec.search!r}")
+        if spec.search not in TIER3_SEARCH:
+            raise ConfigError(
+                f"[{tier}] search must be one of {list(TIER3_SEARCH)}, got {spec.search!r}"
+            )
         for o in spec.orderings or ():
             _check_ordering(o, length, names, tier)
     _check_ordering(cfg.early.ordering, 2, names, "early")
@@ -219,6 +232,12 @@ def _check(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"[rankers.{r.name}] tiers: unknown {bad}; known: {list(TIERS)}")
         if r.limits is not None and len(r.limits) != 3:
             raise ConfigError(f"[rankers.{r.name}] limits: expected [train, dev, test]")
+        for m, g in r.method_grids.items():
+            if m not in PENALTIES or not g or any(not 0 < float(v) < float("inf") for v in g):
+                raise ConfigError(
+                    f"[rankers.{r.name}] method_grids.{m}: expected a penalty of "
+                    f"{list(PENALTIES)} with finite λ values > 0, got {g!r}"
+                )
         for o in r.tier2_orderings or ():
             _check_ordering(o, 2, names, f"rankers.{r.name}")
         r.train_config(0, None)  # TrainConfig validates its own fields

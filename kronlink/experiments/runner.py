@@ -24,27 +24,25 @@ evaluation functions run here: this module decides what to run and stores it.
 
 from __future__ import annotations
 
-import logging
 import math
-import random
+import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
-
-from kronlink.curvature import TaskState, estimate_curvature
-from kronlink.data.schema import Query
-from kronlink.errors import KronlinkError
-from kronlink.evaluation import evaluate
-from kronlink.experiments.config import PENALTIES, ExperimentConfig, RankerSpec, TierSpec
-from kronlink.experiments.metrics import Choice, GridRow, select_data_free, select_paper
-from kronlink.experiments.store import RunStore, spec_id
-from kronlink.models import Ranker, build_ranker
-from kronlink.penalties import build_penalty, predicted_forgetting
-from kronlink.strategies import lrc_param_groups, replay_sample
-from kronlink.training import pick_device, seed_everything, train
+from kronlink.experiments.config import ExperimentConfig, RankerSpec, TierSpec
+from kronlink.experiments.engine import (
+    Event,
+    Missing,
+    OutOfTime,
+    Results,
+    Search,
+    _Engine,
+    _ranker_key,
+)
+from kronlink.experiments.metrics import GridRow, select_data_free, select_paper
+from kronlink.experiments.store import spec_id
+from kronlink.strategies import replay_sample
 
 __all__ = [
     "Missing",
@@ -55,337 +53,9 @@ __all__ = [
     "run_experiment",
 ]
 
-log = logging.getLogger(__name__)
 
-Event = Callable[[str], None]
-
-
-class Missing(KronlinkError):
-    """A run the config defines has no stored record (report mode)."""
-
-
-class OutOfTime(KronlinkError):
-    """The time budget ran out before a run could start; rerun to go on."""
-
-
-@dataclass
-class TaskData:
-    name: str
-    key: dict
-    train: list[Query]
-    dev: list[Query]
-    test: list[Query]
-
-
-@dataclass
-class Search:
-    """A λ search for one (ordering, method): the grid's runs and both rules' choices."""
-
-    rows: list[dict]  # run records, in grid order
-    lambdas: list[tuple[float, ...]]
-    paper: Choice
-    data_free: Choice
-
-    @property
-    def chosen(self) -> dict:
-        return self.rows[self.paper.index]
-
-    @property
-    def chosen_data_free(self) -> dict:
-        return self.rows[self.data_free.index]
-
-
-@dataclass
-class Results:
-    """What the protocol produced, keyed by (ranker, split rule, seed, ...)."""
-
-    config: ExperimentConfig
-    tier1: dict[tuple, dict] = field(default_factory=dict)  # (+ task)
-    combined: dict[tuple, dict] = field(default_factory=dict)
-    tier2: dict[tuple, dict] = field(default_factory=dict)  # (+ ordering, method): record
-    tier2_search: dict[tuple, Search] = field(default_factory=dict)
-    tier3: dict[tuple, dict] = field(default_factory=dict)
-    tier3_search: dict[tuple, Search] = field(default_factory=dict)
-    early_single: dict[tuple, dict] = field(default_factory=dict)
-    early: dict[tuple, dict] = field(default_factory=dict)  # (+ method)
-    early_search: dict[tuple, Search] = field(default_factory=dict)
-    states: dict[str, dict] = field(default_factory=dict)  # state id -> record
-    layers: dict[tuple, dict] = field(default_factory=dict)  # tier-2 key -> Ω by layer
-    figure2: dict | None = None
-    ran: int = 0
-    reused: int = 0
-    missing: list[str] = field(default_factory=list)
-    complete: bool = True
-
-
-def _subset(queries: Sequence[Query], n: int | None, seed: int) -> list[Query]:
-    """A seeded random subset (the whole list when ``n`` is None or larger)."""
-    picked = list(queries)
-    if n is None or n >= len(picked):
-        return picked
-    random.Random(seed).shuffle(picked)
-    return picked[:n]
-
-
-def _ranker_key(r: RankerSpec) -> dict:
-    # The name is a label: renaming a ranker must not rerun it.
-    return {"kind": r.kind, "model": dict(r.model), "train": dict(r.train)}
-
-
-class _Protocol:
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        *,
-        execute: bool,
-        tiers: Sequence[str] | None = None,
-        rankers: Sequence[str] | None = None,
-        seeds: Sequence[int] | None = None,
-        deadline: float | None = None,
-        on_event: Event | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.execute = execute
-        self.only_tiers = set(tiers) if tiers else None
-        self.only_rankers = set(rankers) if rankers else None
-        self.seeds = list(seeds) if seeds is not None else list(cfg.seeds)
-        self.deadline = deadline
-        self.emit = on_event or (lambda _m: None)
-        self.store = RunStore(cfg.results_dir)
-        self.results = Results(cfg)
-        self.device = pick_device(cfg.device)
-        self._tasks: dict[str, TaskData] = {}
-        self._makers: dict[str, Callable[[], dict]] = {}
-        self._state_cache: dict[str, TaskState] = {}
-
-    # ---- tasks ---------------------------------------------------------------
-
-    def task_key(
-        self, name: str, rule: str, ranker: RankerSpec, fraction: float | None = None
-    ) -> dict:
-        t = self.cfg.tasks
-        folder = self.cfg.task_dir(name)
-        build = (
-            {"dir": str(folder)}
-            if folder is not None
-            else {
-                "builder": name,
-                "candidates": t.candidates,
-                "limit": t.limit,
-                "split_rule": rule,
-                "seed": t.seed,
-            }
-        )
-        key = {
-            "name": name,
-            "build": build,
-            "subsets": list(ranker.limits or (t.train_limit, t.dev_limit, t.test_limit)),
-        }
-        if fraction is not None:
-            key["fraction"] = fraction
-        return key
-
-    def task(self, key: dict) -> TaskData:
-        kid = spec_id(key)
-        if kid in self._tasks:
-            return self._tasks[kid]
-        from kronlink.data.builders import build_task
-        from kronlink.data.io import load_task, save_task
-
-        build = key["build"]
-        if "dir" in build:
-            task = load_task(build["dir"])
-        else:
-            folder = self.store.task_dir(key["name"], build)
-            if (folder / "task.json").exists():
-                task = load_task(folder)
-            else:
-                self.emit(f"building task {key['name']} ({build['split_rule']} split)")
-                task = build_task(
-                    key["name"],
-                    seed=build["seed"],
-                    split_rule=build["split_rule"],
-                    k=build["candidates"],
-                    limit=build["limit"],
-                )
-                save_task(task, folder)
-        seed = self.cfg.tasks.seed
-        limits = dict(zip(("train", "dev", "test"), key["subsets"], strict=True))
-        splits = {s: _subset(task.split(s), limits[s], seed) for s in limits}
-        if "fraction" in key:
-            f = key["fraction"]
-            splits = {s: _subset(q, max(1, math.ceil(f * len(q))), seed) for s, q in splits.items()}
-        data = TaskData(key["name"], key, splits["train"], splits["dev"], splits["test"])
-        for s in ("train", "dev", "test"):
-            if not getattr(data, s):
-                raise KronlinkError(f"task {key['name']!r} has no {s} queries after subsetting")
-        self._tasks[kid] = data
-        return data
-
-    # ---- models, states ----------------------------------------------------------
-
-    def _check_time(self) -> None:
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise OutOfTime("time budget spent")
-
-    def _new_model(self, ranker: RankerSpec, seed: int) -> Ranker:
-        seed_everything(seed)  # the head is randomly initialised
-        # TOML has no null: "none" stands for None (a tiny random vocabulary or encoder).
-        overrides = {k: None if v == "none" else v for k, v in ranker.model.items()}
-        return build_ranker(ranker.kind, **overrides)
-
-    def _model_of(self, record: dict, ranker: RankerSpec, seed: int) -> Ranker:
-        """A fresh model holding the weights of a stored run (re-run if pruned)."""
-        weights = self.store.load_weights(record["id"])
-        if weights is None:
-            self.emit(f"weights of {record['kind']} run {record['id']} are gone: re-running it")
-            self._makers[record["id"]]()
-            weights = self.store.load_weights(record["id"])
-            if weights is None:
-                raise KronlinkError(f"re-running {record['id']} did not store its weights")
-        model = self._new_model(ranker, seed)
-        model.load_state_dict(weights)
-        return model.to(self.device)
-
-    def state(self, record: dict, task_key: dict, ranker: RankerSpec, seed: int) -> str:
-        """Id of the curvature state of a stored model on its task's train split."""
-        c = self.cfg.curvature
-        spec = {
-            "model": record["id"],
-            "task": task_key,
-            "curvature": {
-                "kinds": list(c.kinds),
-                "fisher": c.fisher,
-                "include_other": c.include_other,
-                "batch_size": c.batch_size,
-                "limit": c.limit,
-            },
-        }
-        sid = spec_id(spec)
-        done = self.store.get("state", spec)
-        # The report needs only the record; training needs the file too.
-        if done is not None and (not self.execute or self.store.state_path(sid).exists()):
-            self.results.states[sid] = done
-            return sid
-        if not self.execute:
-            self.results.missing.append(f"state {sid}")
-            raise Missing(f"curvature state {sid} is not stored")
-        self._check_time()
-        model = self._model_of(record, ranker, seed)
-        data = self.task(task_key)
-        queries = _subset(data.train, c.limit, self.cfg.tasks.seed)
-        batches = [
-            model.encode(queries[i : i + c.batch_size])
-            for i in range(0, len(queries), c.batch_size)
-        ]
-        t0 = time.perf_counter()
-        curvature = estimate_curvature(
-            model, batches, kinds=c.kinds, fisher=c.fisher, include_other=c.include_other
-        )
-        seconds = time.perf_counter() - t0
-        stats = {"task": data.name, "train_size": len(data.train), "model_run": record["id"]}
-        TaskState.from_model(model, curvature, stats).save(self.store.state_path(sid))
-        rec = self.store.put(
-            "state", spec, {"seconds": seconds, "n_examples": curvature.n_examples, **stats}
-        )
-        self.results.states[sid] = rec
-        self.emit(f"curvature of {data.name} on run {record['id']}: {seconds:.1f} s")
-        return sid
-
-    def _load_state(self, sid: str) -> TaskState:
-        if sid not in self._state_cache:
-            self._state_cache[sid] = TaskState.load(self.store.state_path(sid))
-        return self._state_cache[sid]
-
-    # ---- one training run ----------------------------------------------------------
-
-    def _evaluate(self, model: Ranker, tasks: Sequence[TaskData], eval_bs: int) -> dict:
-        out = {}
-        for t in tasks:
-            dev = evaluate(model, t.dev, batch_size=eval_bs)
-            test = evaluate(model, t.test, batch_size=eval_bs)
-            out[t.name] = {
-                "dev": dev.accuracy,
-                "test": test.accuracy,
-                "test_mrr": test.mrr,
-                "n_dev": dev.n,
-                "n_test": test.n,
-            }
-        return out
-
-    def _train_run(
-        self,
-        kind: str,
-        spec: dict,
-        *,
-        ranker: RankerSpec,
-        seed: int,
-        start: Callable[[], Ranker],
-        train_q: Callable[[], list[Query]],
-        dev_q: Callable[[], list[Query]],
-        eval_tasks: Callable[[], list[TaskData]],
-        keep_weights: bool,
-        priors: Sequence[str] = (),
-        method: str = "none",
-        lambdas: Sequence[float] = (),
-        extra: dict | None = None,
-    ) -> dict:
-        rid = spec_id(spec)
-
-        def make() -> dict:
-            self._check_time()
-            model = start()
-            cfg = ranker.train_config(seed, self.cfg.device)
-            states = [self._load_state(s) for s in priors]
-            penalty = build_penalty(method, states, list(lambdas)) if method in PENALTIES else None
-            groups = lrc_param_groups(extra["lrc_gamma"]) if method == "lrc" else None
-            replay = None
-            if method == "replay":
-                replay = extra["replay_set"]()
-                from dataclasses import replace
-
-                cfg = replace(cfg, replay_per_batch=extra["replay_per_batch"])
-            t0 = time.perf_counter()
-            res = train(
-                model,
-                train_q(),
-                dev_q(),
-                cfg,
-                penalty=penalty,
-                param_groups=groups,
-                replay=replay,
-            )
-            t_train = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            metrics = self._evaluate(model, eval_tasks(), cfg.eval_batch_size)
-            omega = predicted_forgetting(model, states) if states else []
-            t_eval = time.perf_counter() - t0
-            if keep_weights:
-                self.store.save_weights(rid, model)
-            result = {
-                "metrics": metrics,
-                "predicted_forgetting": omega,
-                "train": {k: v for k, v in res.as_dict().items() if k != "best_dev"},
-                "seconds": {"train": t_train, "eval": t_eval},
-                "device": str(self.device),
-                "torch": torch.__version__,
-            }
-            rec = self.store.put(kind, spec, result)
-            self.results.ran += 1
-            what = f"{method}{'' if not lambdas else ' λ=' + ','.join(f'{v:g}' for v in lambdas)}"
-            accs = ", ".join(f"{t} {m['test']:.3f}" for t, m in metrics.items())
-            self.emit(f"{kind} {rid} {what}: test {accs} ({t_train:.1f} s)")
-            return rec
-
-        self._makers[rid] = make
-        rec = self.store.get(kind, spec)
-        if rec is not None:
-            self.results.reused += 1
-            return rec
-        if not self.execute:
-            self.results.missing.append(f"{kind} {rid}")
-            raise Missing(f"{kind} run {rid} is not stored")
-        return make()
+class _Protocol(_Engine):
+    """The tiers and the driver over the engine's runs."""
 
     # ---- tiers ---------------------------------------------------------------------
 
@@ -479,14 +149,16 @@ class _Protocol:
         priors: Sequence[str],
         reference: dict,
         keep_weights: bool,
+        select_on: Sequence[str] | None = None,
     ) -> Search:
         """Runs every λ vector of ``candidates`` and applies both rules, with
-        ``reference`` (the unpenalised run) as the new task's yardstick."""
+        ``reference`` (the unpenalised run) as the new task's yardstick; the
+        old-data rule weighs the drops of ``select_on`` (default: every prior)."""
         rows = [
             self._stage(tier, ranker, seed, parent, seen, new, method, lam, priors, keep_weights)
             for lam in candidates
         ]
-        names = [k["name"] for k in seen]
+        names = list(select_on) if select_on else [k["name"] for k in seen]
         new_name = new["name"]
         grid = [
             GridRow(
@@ -530,7 +202,7 @@ class _Protocol:
             rec = self._stage("tier2", ranker, seed, single, [ka], kb, "none", [], [], keep)
         else:
             none = self.tier2(ranker, rule, seed, ordering, "none")
-            grid = ranker.grid or self.cfg.selection.grid
+            grid = ranker.grid_for(method, self.cfg.selection.grid)
             search = self._search(
                 "tier2", ranker, seed, single, [ka], kb, method,
                 [(float(v),) for v in grid], [sa], none, keep,
@@ -538,7 +210,8 @@ class _Protocol:
             self.results.tier2_search[key] = search
             rec = search.chosen
         self.results.tier2[key] = rec
-        self.layers(key, rec, sa, ranker, seed)
+        if self.cfg.tier2.layers:
+            self.layers(key, rec, sa, ranker, seed)
         return rec
 
     def layers(self, key: tuple, record: dict, sid: str, ranker: RankerSpec, seed: int) -> None:
@@ -551,11 +224,13 @@ class _Protocol:
             if not self.execute:
                 self.results.missing.append(f"layers {spec_id(spec)}")
                 return
-            self._check_time()
+            self._check_time("layers")
+            wall0 = time.perf_counter()
             model = self._model_of(record, ranker, seed)
             rec = self.store.put(
                 "layers", spec, {"omega": omega_by_layer(model, self._load_state(sid))}
             )
+            self._took("layers", time.perf_counter() - wall0)
         self.results.layers[key] = rec
 
     def tier3(
@@ -574,21 +249,40 @@ class _Protocol:
             sa = self.state(single, ka, ranker, seed)
             sb = self.state(stage2, kb, ranker, seed)
             none = self.tier3(ranker, rule, seed, ordering, "none")
-            grid = [float(v) for v in (ranker.grid or self.cfg.selection.grid)]
+            grid = [float(v) for v in ranker.grid_for(method, self.cfg.selection.grid)]
             if self.cfg.tier3.search == "carry":
                 # A's penalty keeps the weight tier 2 chose for it; B's is searched.
                 lam_a = float(stage2["spec"]["lambdas"][0])
                 candidates = [(lam_a, v) for v in grid]
+            elif self.cfg.tier3.search == "appendix_a":
+                # The paper's appendix A: B's λ searched x/÷100 around the
+                # geometric mean of the λs tier 2 chose with B as the old task,
+                # chosen on B's drop alone; A's λ carried as above.
+                lam_a = float(stage2["spec"]["lambdas"][0])
+                centre = self._geometric_tier2_lambda(ranker, rule, seed, b, method)
+                candidates = [(lam_a, float(f"{centre * 10.0**k:.12g}")) for k in range(-2, 3)]
             else:
                 candidates = [(u, v) for u in grid for v in grid]
+            select_on = [b] if self.cfg.tier3.search == "appendix_a" else None
             search = self._search(
                 "tier3", ranker, seed, stage2, [ka, kb], kc, method, candidates, [sa, sb],
-                none, False,
+                none, False, select_on,
             )  # fmt: skip
             self.results.tier3_search[key] = search
             rec = search.chosen
         self.results.tier3[key] = rec
         return rec
+
+    def _geometric_tier2_lambda(
+        self, ranker: RankerSpec, rule: str, seed: int, old: str, method: str
+    ) -> float:
+        """Geometric mean of the λs tier 2 chose for ``method`` on every (old, X)."""
+        lams = [
+            float(self.tier2(ranker, rule, seed, (old, x), method)["spec"]["lambdas"][0])
+            for x in self.cfg.tasks.names
+            if x != old
+        ]
+        return math.exp(statistics.fmean(math.log(v) for v in lams))
 
     def early(self, ranker: RankerSpec, rule: str, seed: int) -> None:
         e = self.cfg.early
@@ -630,7 +324,7 @@ class _Protocol:
                 )
             else:
                 sa = self.state(single, ka, ranker, seed)
-                grid = ranker.grid or self.cfg.selection.grid
+                grid = ranker.grid_for(method, self.cfg.selection.grid)
                 search = self._search(
                     "early", ranker, seed, single, [ka], kb, method,
                     [(float(v),) for v in grid], [sa], none, False,
@@ -652,7 +346,7 @@ class _Protocol:
             if not self.execute:
                 self.results.missing.append("figure2")
                 raise Missing("figure 2 is not stored")
-            self._check_time()
+            self._check_time("figure2")
             result = figure2_run(self.task(key).train, spec_cfg, path)
             rec = self.store.put("figure2", spec, result)
             self.results.ran += 1
@@ -738,10 +432,13 @@ def run_experiment(
     seeds: Sequence[int] | None = None,
     max_seconds: float | None = None,
     on_event: Event | None = None,
+    guess_seconds: Mapping[str, float] | None = None,
 ) -> Results:
     """Run every run of ``cfg`` that is not stored yet (optionally only some
-    tiers, rankers or seeds). With ``max_seconds``, no new run starts after
-    that budget; ``Results.complete`` is then False and a rerun goes on."""
+    tiers, rankers or seeds). With ``max_seconds``, no run starts that would
+    not end inside that budget (its length: the longest of its kind so far,
+    else ``guess_seconds[kind]``, else 0); ``Results.complete`` is then False
+    and a rerun goes on."""
     deadline = time.monotonic() + max_seconds if max_seconds is not None else None
     proto = _Protocol(
         cfg,
@@ -751,6 +448,7 @@ def run_experiment(
         seeds=seeds,
         deadline=deadline,
         on_event=on_event,
+        guess_seconds=guess_seconds,
     )
     return proto.run()
 

@@ -59,8 +59,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunStore:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, scratch: str | Path | None = None) -> None:
         self.root = Path(root)
+        # Weights, states and built tasks: beside the records unless a config
+        # keeps them elsewhere (a device command returns only what is small).
+        self.scratch = Path(scratch) if scratch is not None else self.root
 
     # records ----------------------------------------------------------------
 
@@ -92,10 +95,10 @@ class RunStore:
     # weights and states -------------------------------------------------------
 
     def model_path(self, run_id: str) -> Path:
-        return self.root / "models" / f"{run_id}.safetensors"
+        return self.scratch / "models" / f"{run_id}.safetensors"
 
     def state_path(self, run_id: str) -> Path:
-        return self.root / "states" / f"{run_id}.safetensors"
+        return self.scratch / "states" / f"{run_id}.safetensors"
 
     def save_weights(self, run_id: str, model: torch.nn.Module) -> None:
         path = self.model_path(run_id)
@@ -117,4 +120,4 @@ class RunStore:
         self.model_path(run_id).unlink(missing_ok=True)
 
     def task_dir(self, name: str, spec: Mapping[str, Any]) -> Path:
-        return self.root / "tasks" / f"{name}-{spec_id(spec)}"
+        return self.scratch / "tasks" / f"{name}-{spec_id(spec)}"

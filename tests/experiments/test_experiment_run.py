@@ -69,6 +69,10 @@ def test_every_tier_is_stored(done) -> None:
     for rec in store.records("tier2"):
         assert rec["id"] == spec_id(rec["spec"])  # stored under its spec's hash
         assert set(rec["metrics"]) == {rec["spec"]["task"]["name"], rec["spec"]["seen"][0]["name"]}
+        for m in rec["metrics"].values():  # per-query ranks for the endpoint's bootstrap
+            assert len(m["test_ranks"]) == m["n_test"]
+            assert sum(r == 1 for r in m["test_ranks"]) / m["n_test"] == m["test"]
+            assert m["test_nll"] > 0
     # tier 2 kept only the weights tier 3 starts from (chosen by either rule, and none).
     kept = {p.stem for p in (store.root / "models").glob("*.safetensors")}
     grid_ids = {r["id"] for s in res.tier2_search.values() for r in s.rows}
@@ -122,6 +126,8 @@ def test_report_writes_its_section_and_keeps_the_page(done) -> None:
     for heading in ("Tier 1", "Tier 2", "Tier 3", "Early comparison", "Figure 2", "Wall time"):
         assert heading in text
     assert "| alpha → beta | kfc |" in text
+    assert "Pre-registered endpoint" in text and "ewc − kfc (primary)" in text
+    assert "seeds and queries" in text  # the records hold per-query ranks
     pngs = sorted(p.name for p in img.glob("*.png"))
     assert pngs == [
         "tiny-figure2.png",
