@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from kronlink.curvature import factors as fx
 from kronlink.curvature._hooks import Call, plan, recording
+from kronlink.curvature._positions import Positions, grouped
 from kronlink.curvature.state import (
     CurvatureKind,
     CurvatureState,
@@ -37,7 +38,6 @@ from kronlink.errors import ConfigError, UnsupportedModuleError
 from kronlink.models.base import (
     Ranker,
     RankerBatch,
-    TokenLayout,
     masked_log_softmax,
     ranking_loss,
 )
@@ -184,7 +184,7 @@ def estimate_curvature(
             model, batches, accs, fisher_t, device, generator
         ):
             n_examples += int(valid.sum())
-            for name, pos in _grouped(accs, calls, grads, layouts, valid, acc_dtype):
+            for name, pos in grouped(accs, calls, grads, layouts, valid, acc_dtype):
                 _first_pass(accs[name], pos, int(valid.shape[0]), want_diag)
             step += 1
             if progress is not None:
@@ -240,7 +240,7 @@ def estimate_curvature(
                 model, batches, accs, fisher_t, device, generator, kronecker_only=True
             ):
                 n_second += int(valid.sum())
-                for name, pos in _grouped(accs, calls, grads, layouts, valid, acc_dtype):
+                for name, pos in grouped(accs, calls, grads, layouts, valid, acc_dtype):
                     if accs[name].info.kronecker:
                         _second_pass(accs[name], pos, int(valid.shape[0]))
                 step += 1
@@ -353,127 +353,10 @@ def _labels(
     return torch.where(real, drawn, torch.full_like(drawn, -1))
 
 
-# ---- positions of one call ----------------------------------------------
-
-
-@dataclass
-class _Positions:
-    x: Tensor  # (P, p̄) inputs (augmented), token ids (P,) or x̂ (P, D)
-    g: Tensor  # (P, q)
-    example: Tensor  # (P,)
-
-
-def _layout(call: Call, layouts: dict, n_rows: int, n_queries: int, positions_per_row: int):
-    entry = layouts.get(call.name)
-    if isinstance(entry, TokenLayout):
-        if call.index > 0:
-            raise ConfigError(
-                f"module {call.name!r} ran {call.index + 1} times in one forward; token_layouts "
-                "must give a list with one TokenLayout per call, in call order"
-            )
-        return entry
-    if isinstance(entry, list | tuple):
-        if call.index >= len(entry):
-            raise ConfigError(
-                f"module {call.name!r} ran more often than its {len(entry)} token layouts"
-            )
-        return entry[call.index]
-    if entry is None and n_rows == n_queries and positions_per_row == 1:
-        # One row per query, one position per row: nothing to mask.
-        return None
-    raise ConfigError(
-        f"token_layouts gives no layout for module {call.name!r}, whose input has "
-        f"{n_rows} rows x {positions_per_row} positions for {n_queries} queries"
-    )
-
-
-def _positions(
-    acc: _Acc, call: Call, grad: Tensor, layouts: dict, valid: Tensor, dtype: torch.dtype
-) -> _Positions:
-    rule, module = acc.info.rule, call.module
-    x = call.input
-    if rule is Rule.LINEAR:
-        n = x.shape[0] if x.dim() > 1 else 1
-        xs = x.reshape(n, -1, x.shape[-1]).to(dtype)
-        gs = grad.reshape(n, -1, grad.shape[-1]).to(dtype)
-        if module.bias is not None:
-            xs = fx.augment(xs)
-    elif rule is Rule.CONV1D:
-        if x.dim() != 3:
-            raise ConfigError(f"Conv1d {call.name!r}: expected a batched (N, C, T) input")
-        xs = fx.conv1d_patches(module, x.to(dtype))
-        if module.bias is not None:
-            xs = fx.augment(xs)
-        gs = grad.to(dtype).transpose(1, 2)
-        n = x.shape[0]
-    elif rule is Rule.EMBEDDING:
-        n = x.shape[0] if x.dim() > 0 else 1
-        xs = x.reshape(n, -1)
-        gs = grad.reshape(n, xs.shape[1], -1).to(dtype)
-    else:  # LayerNorm
-        d = len(module.normalized_shape)
-        n = x.shape[0] if x.dim() > d else 1
-        xhat = fx.layer_norm_hat(module, x.to(dtype))
-        xs = xhat.reshape(n, -1, xhat.shape[-1])
-        gs = grad.to(dtype).reshape(n, xs.shape[1], -1)
-    positions = xs.shape[1]
-    lay = _layout(call, layouts, n, valid.shape[0], positions)
-    if lay is None:
-        mask = torch.ones(n, positions, dtype=torch.bool, device=xs.device)
-        example = torch.arange(n, device=xs.device)
-    else:
-        mask, example = lay.mask.to(xs.device), lay.example.to(xs.device)
-        if mask.numel() != n * positions or example.shape != (n,):
-            raise ConfigError(
-                f"token layout of {call.name!r}: mask {tuple(mask.shape)} / example "
-                f"{tuple(example.shape)} do not fit an input of {n} rows x {positions} positions"
-            )
-        mask = mask.reshape(n, positions).bool()
-        if example.numel() and (int(example.min()) < 0 or int(example.max()) >= valid.shape[0]):
-            raise ConfigError(f"token layout of {call.name!r}: example index out of range")
-    # Positions of skipped examples (no label) count nowhere, like padding.
-    keep = mask & valid[example][:, None]
-    if rule is Rule.EMBEDDING and module.padding_idx is not None:
-        # PyTorch gives the padding row no gradient: such positions are padding.
-        keep = keep & (xs != module.padding_idx)
-    ex = example[:, None].expand(n, positions)[keep]
-    return _Positions(x=xs[keep], g=gs[keep], example=ex)
-
-
-def _grouped(
-    accs: dict[str, _Acc],
-    calls: list[Call],
-    grads: list[Tensor],
-    layouts: dict,
-    valid: Tensor,
-    dtype: torch.dtype,
-) -> Iterator[tuple[str, _Positions]]:
-    """One ``_Positions`` per module: the calls of a module that ran several
-    times in this forward (a shared encoder) pooled, so that per-query
-    gradients, means and exact blocks sum over all of its calls."""
-    by_name: dict[str, list[_Positions]] = {}
-    for call, grad in zip(calls, grads, strict=True):
-        acc = accs[call.name]
-        acc.calls += 1
-        by_name.setdefault(call.name, []).append(_positions(acc, call, grad, layouts, valid, dtype))
-    for name, parts in by_name.items():
-        if len(parts) == 1:
-            yield name, parts[0]
-        else:
-            yield (
-                name,
-                _Positions(
-                    x=torch.cat([p.x for p in parts]),
-                    g=torch.cat([p.g for p in parts]),
-                    example=torch.cat([p.example for p in parts]),
-                ),
-            )
-
-
 # ---- accumulation ---------------------------------------------------------
 
 
-def _first_pass(acc: _Acc, pos: _Positions, n_queries: int, want_diag: bool) -> None:
+def _first_pass(acc: _Acc, pos: Positions, n_queries: int, want_diag: bool) -> None:
     rule = acc.info.rule
     x, g, ex = pos.x, pos.g, pos.example
     if rule is Rule.LAYERNORM:
@@ -503,7 +386,7 @@ def _first_pass(acc: _Acc, pos: _Positions, n_queries: int, want_diag: bool) -> 
                 acc.exact.add_(v.T @ v)
 
 
-def _second_pass(acc: _Acc, pos: _Positions, n_queries: int) -> None:
+def _second_pass(acc: _Acc, pos: Positions, n_queries: int) -> None:
     x, g, ex = pos.x, pos.g, pos.example
     if acc.info.rule is Rule.EMBEDDING:
         token, rows = fx.embedding_pairs(x, g, ex, acc.info.weight_shape[0])
