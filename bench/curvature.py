@@ -4,6 +4,7 @@ steps, and stored bytes per task, on both rankers.
     .venv/bin/python bench/curvature.py [--device cuda] [--batches 4] [--batch-size 16]
         [--candidates 25] [--repeats 5] [--models transformer,cnn] [--tables 1,2,3]
         [--threads N]   # N=1 on a shared CPU: busy cores stall torch's thread pool
+        [--no-peers] [--json results/curvature/pass_cpu.json]   # table 1 rows + load average
 
 A peer that is not installed or cannot handle a model gets a "failed" row with
 its error (ASDL is not a project dependency: pip install --no-deps asdfghjkl).
@@ -231,7 +232,7 @@ def spawn_row(kind: str, impl: str, args: argparse.Namespace) -> dict:
 def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
     rows = []
     for kind in models:
-        for impl in [PLAIN, *OURS, *PEERS[kind]]:
+        for impl in [PLAIN, *OURS, *([] if args.no_peers else PEERS[kind])]:
             print(f"  pass: {kind} / {impl} ...", file=sys.stderr, flush=True)
             rows.append(spawn_row(kind, impl, args))
     print("\n### 1. One curvature pass over the same batches\n")
@@ -407,6 +408,8 @@ def main() -> None:
     p.add_argument("--tables", default="1,2,3", help="which tables to print")
     p.add_argument("--row-timeout", type=int, default=1800, help="seconds per table-1 row")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one table-1 row
+    p.add_argument("--no-peers", action="store_true", help="table 1 without the peer libraries")
+    p.add_argument("--json", type=Path, help="write table 1's rows and the load average here")
     args = p.parse_args()
     args.warmup = max(args.warmup, 1)
     if args.threads:
@@ -424,7 +427,21 @@ def main() -> None:
         f" median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__},"
         f" {torch.get_num_threads()} CPU threads"
     )
+    load = list(os.getloadavg())
     passes = table_passes(args, models) if "1" in tables else []
+    if args.json and passes:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "bench": "curvature",
+            "device": str(device),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg_start": load,
+            "loadavg_end": list(os.getloadavg()),
+            "passes": passes,
+        }
+        args.json.write_text(json.dumps(record, indent=1))
     steps = table_steps(args, models, device) if "2" in tables else []
     if "3" in tables:
         table_storage(args, models)
