@@ -187,16 +187,20 @@ def table(path: Path) -> str:
         f"From `{path}` ({rec['machine']}, load average {rec['loadavg'][0]:.1f} at the start: "
         f"shared machine; {rec['args']['queries']} queries per setting, Δ from "
         f"{rec['args']['train_steps']} AdamW steps at lr {rec['args']['lr']}). Relative Frobenius "
-        "error against the exact block (expand → split), and the penalty of the training Δ "
-        "over its exact value (expand → split; exact block where one is stored)."
+        "error against the exact block, trace ratio tr F̂ / tr F (overstatement), and the penalty "
+        "of the training Δ over its exact value; each as expand → split, with the exact block's "
+        "in brackets where one is stored (it replaces split there). "
+        "The exact block is from the same queries, so it has rank <= the number of queries: "
+        "an error near 1 for a large layer says little (F̂ = 0 scores 1); the trace ratio does."
     ]
     for kind in dict.fromkeys(r["model"] for r in rec["runs"]):
         runs = [r for r in rec["runs"] if r["model"] == kind]
         head = "| layer | q·p̄ |"
         rule = "|---|---|"
         for r in runs:
-            head += f" C={r['candidates']} error | C={r['candidates']} penalty ratio |"
-            rule += "---|---|"
+            c = r["candidates"]
+            head += f" C={c} error | C={c} trace ratio | C={c} penalty ratio |"
+            rule += "---|---|---|"
         lines += ["", f"**{kind}**", "", head, rule]
         for name in runs[0]["layers"]:
             row = f"| `{name}` | {runs[0]['layers'][name]['params']} |"
@@ -205,10 +209,13 @@ def table(path: Path) -> str:
                 e, s = lay["expand"], lay["split"]
                 err = f"{e['rel_frobenius']:.2f} → {s['rel_frobenius']:.2f}"
                 pen = f"{e['penalty_ratio']:.2f} → {s['penalty_ratio']:.2f}"
+                tr = f"{e['trace_ratio']:.2f} → {s['trace_ratio']:.2f}"
                 if "exact" in lay:
-                    err += f" (exact {lay['exact']['rel_frobenius']:.0e})"
-                    pen += f" ({lay['exact']['penalty_ratio']:.3f})"
-                row += f" {err} | {pen} |"
+                    x = lay["exact"]
+                    err += f" ({x['rel_frobenius']:.0e})"
+                    tr += f" ({x['trace_ratio']:.3f})"
+                    pen += f" ({x['penalty_ratio']:.3f})"
+                row += f" {err} | {tr} | {pen} |"
             lines.append(row)
     return "\n".join(lines)
 
