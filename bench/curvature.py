@@ -235,6 +235,11 @@ def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
         for impl in [PLAIN, *OURS, *([] if args.no_peers else PEERS[kind])]:
             print(f"  pass: {kind} / {impl} ...", file=sys.stderr, flush=True)
             rows.append(spawn_row(kind, impl, args))
+    print_passes(rows)
+    return rows
+
+
+def print_passes(rows: list[dict]) -> None:
     print("\n### 1. One curvature pass over the same batches\n")
     print("| model | implementation | what it covers | seconds | x plain pass | peak MiB |")
     print("|---|---|---|---|---|---|")
@@ -251,7 +256,6 @@ def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
         )
     mem = {r.get("mem") for r in rows if r.get("mem")}
     print(f"\nPeak memory: {', '.join(sorted(mem))}, during the first pass, over setup.")
-    return rows
 
 
 # ---- tables 2 and 3: in this process -----------------------------------------
@@ -410,7 +414,19 @@ def main() -> None:
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one table-1 row
     p.add_argument("--no-peers", action="store_true", help="table 1 without the peer libraries")
     p.add_argument("--json", type=Path, help="write table 1's rows and the load average here")
+    p.add_argument("--from-json", type=Path, help="print table 1 and its target from a record")
     args = p.parse_args()
+    if args.from_json:
+        rec = json.loads(args.from_json.read_text())
+        print(
+            f"From {args.from_json}: {rec['args']['batches']} batches x "
+            f"{rec['args']['batch_size']} queries x {rec['args']['candidates']} candidates, "
+            f"{rec['device']}, {rec['threads']} threads, torch {rec['torch']}, load average "
+            f"{rec['loadavg_start'][0]:.1f} at the start, {rec['loadavg_end'][0]:.1f} at the end"
+        )
+        print_passes(rec["passes"])
+        print_targets(rec["passes"], [], torch.device(rec["device"]))
+        return
     args.warmup = max(args.warmup, 1)
     if args.threads:
         torch.set_num_threads(args.threads)
