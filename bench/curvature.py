@@ -4,7 +4,8 @@ steps, and stored bytes per task, on both rankers.
     .venv/bin/python bench/curvature.py [--device cuda] [--batches 4] [--batch-size 16]
         [--candidates 25] [--repeats 5] [--models transformer,cnn] [--tables 1,2,3]
         [--threads N]   # N=1 on a shared CPU: busy cores stall torch's thread pool
-        [--no-peers] [--json results/curvature/pass_cpu.json]   # table 1 rows + load average
+        [--no-peers] [--impls "plain fwd+bwd,kronlink kfac"]
+        [--json results/curvature/pass_cpu.json]   # table 1 rows + load average
 
 A peer that is not installed or cannot handle a model gets a "failed" row with
 its error (ASDL is not a project dependency: pip install --no-deps asdfghjkl).
@@ -232,7 +233,10 @@ def spawn_row(kind: str, impl: str, args: argparse.Namespace) -> dict:
 def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
     rows = []
     for kind in models:
-        for impl in [PLAIN, *OURS, *([] if args.no_peers else PEERS[kind])]:
+        impls = [PLAIN, *OURS, *([] if args.no_peers else PEERS[kind])]
+        if args.impls:
+            impls = [i for i in impls if i in args.impls.split(",")]
+        for impl in impls:
             print(f"  pass: {kind} / {impl} ...", file=sys.stderr, flush=True)
             rows.append(spawn_row(kind, impl, args))
     print_passes(rows)
@@ -415,6 +419,7 @@ def main() -> None:
     p.add_argument("--row-timeout", type=int, default=1800, help="seconds per table-1 row")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one table-1 row
     p.add_argument("--no-peers", action="store_true", help="table 1 without the peer libraries")
+    p.add_argument("--impls", help='table 1 rows to run, e.g. "plain fwd+bwd,kronlink kfac"')
     p.add_argument("--json", type=Path, help="write table 1's rows and the load average here")
     p.add_argument("--from-json", type=Path, help="print table 1 and its target from a record")
     args = p.parse_args()
