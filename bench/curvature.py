@@ -4,6 +4,8 @@ steps, and stored bytes per task, on both rankers.
     .venv/bin/python bench/curvature.py [--device cuda] [--batches 4] [--batch-size 16]
         [--candidates 25] [--repeats 5] [--models transformer,cnn] [--tables 1,2,3]
         [--threads N]   # N=1 on a shared CPU: busy cores stall torch's thread pool
+        [--no-peers] [--impls "plain fwd+bwd,kronlink kfac"]
+        [--json results/curvature/pass_cpu.json]   # table 1 rows + load average
 
 A peer that is not installed or cannot handle a model gets a "failed" row with
 its error (ASDL is not a project dependency: pip install --no-deps asdfghjkl).
@@ -231,9 +233,17 @@ def spawn_row(kind: str, impl: str, args: argparse.Namespace) -> dict:
 def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
     rows = []
     for kind in models:
-        for impl in [PLAIN, *OURS, *PEERS[kind]]:
+        impls = [PLAIN, *OURS, *([] if args.no_peers else PEERS[kind])]
+        if args.impls:
+            impls = [i for i in impls if i in args.impls.split(",")]
+        for impl in impls:
             print(f"  pass: {kind} / {impl} ...", file=sys.stderr, flush=True)
             rows.append(spawn_row(kind, impl, args))
+    print_passes(rows)
+    return rows
+
+
+def print_passes(rows: list[dict]) -> None:
     print("\n### 1. One curvature pass over the same batches\n")
     print("| model | implementation | what it covers | seconds | x plain pass | peak MiB |")
     print("|---|---|---|---|---|---|")
@@ -250,7 +260,6 @@ def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
         )
     mem = {r.get("mem") for r in rows if r.get("mem")}
     print(f"\nPeak memory: {', '.join(sorted(mem))}, during the first pass, over setup.")
-    return rows
 
 
 # ---- tables 2 and 3: in this process -----------------------------------------
@@ -372,7 +381,9 @@ def print_targets(passes: list[dict], steps: list[dict], device: torch.device) -
         print(f"- {kind}: KFAC pass ≤ 1.5x the plain pass: {ratio:.2f}x, {verdict}.")
         for impl in PEERS[kind]:
             r = rows.get(impl)
-            if r is None or "error" in r:
+            if r is None:
+                continue  # run with --no-peers
+            if "error" in r:
                 print(f"- {kind}: faster than {impl}: n/a ({impl} failed).")
                 continue
             v = "met" if ours < r["seconds"] else "NOT met"
@@ -407,7 +418,22 @@ def main() -> None:
     p.add_argument("--tables", default="1,2,3", help="which tables to print")
     p.add_argument("--row-timeout", type=int, default=1800, help="seconds per table-1 row")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one table-1 row
+    p.add_argument("--no-peers", action="store_true", help="table 1 without the peer libraries")
+    p.add_argument("--impls", help='table 1 rows to run, e.g. "plain fwd+bwd,kronlink kfac"')
+    p.add_argument("--json", type=Path, help="write table 1's rows and the load average here")
+    p.add_argument("--from-json", type=Path, help="print table 1 and its target from a record")
     args = p.parse_args()
+    if args.from_json:
+        rec = json.loads(args.from_json.read_text())
+        print(
+            f"From {args.from_json}: {rec['args']['batches']} batches x "
+            f"{rec['args']['batch_size']} queries x {rec['args']['candidates']} candidates, "
+            f"{rec['device']}, {rec['threads']} threads, torch {rec['torch']}, load average "
+            f"{rec['loadavg_start'][0]:.1f} at the start, {rec['loadavg_end'][0]:.1f} at the end"
+        )
+        print_passes(rec["passes"])
+        print_targets(rec["passes"], [], torch.device(rec["device"]))
+        return
     args.warmup = max(args.warmup, 1)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -424,7 +450,21 @@ def main() -> None:
         f" median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__},"
         f" {torch.get_num_threads()} CPU threads"
     )
+    load = list(os.getloadavg())
     passes = table_passes(args, models) if "1" in tables else []
+    if args.json and passes:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "bench": "curvature",
+            "device": str(device),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg_start": load,
+            "loadavg_end": list(os.getloadavg()),
+            "passes": passes,
+        }
+        args.json.write_text(json.dumps(record, indent=1))
     steps = table_steps(args, models, device) if "2" in tables else []
     if "3" in tables:
         table_storage(args, models)

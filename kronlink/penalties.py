@@ -5,18 +5,25 @@ For prior task i with anchor ``θ*_i`` and ``Δ = θ - θ*_i`` (per layer
 ``Σ_i λ_i Ω_i(θ)`` with no factor ½ and F the mean (not summed) Fisher, so λ
 keeps the paper's meaning (arXiv 2111.06012; DESIGN.md section 4):
 
-- KFC (Martens & Grosse 2015 factors): ``Ω = Σ_layers sum(Δ̄ ⊙ (G Δ̄ A))`` =
-  ``vec(Δ̄)ᵀ (A ⊗ G) vec(Δ̄)``, two matrix products a layer, never the
-  Kronecker product; an Embedding (weight (V, d) = W_linᵀ, diagonal A = a)
-  gives ``sum(Δw ⊙ (Δw G) ⊙ a[:, None])``.
+- KFC (Martens & Grosse 2015 factors): per layer, the exact Fisher block
+  ``vec(Δ̄)ᵀ F vec(Δ̄)`` where the state has one (small layers: the scoring
+  head), else the candidate-aware split factors
+  ``sum(Δ̄ ⊙ (G_mean Δ̄ A_mean)) + sum(Δ̄ ⊙ (G_dev Δ̄ A_dev))``, else (an
+  Embedding, or a format-1 state) the expand factors ``sum(Δ̄ ⊙ (G Δ̄ A))`` =
+  ``vec(Δ̄)ᵀ (A ⊗ G) vec(Δ̄)``: matrix products, never the Kronecker
+  product. An Embedding (weight (V, d) = W_linᵀ, diagonal A = a) gives
+  ``sum(Δw ⊙ (Δw G) ⊙ a[:, None])``. ``kfc-expand`` is the paper's rule:
+  expand factors everywhere.
 - EKFAC (George et al. 2018): ``Ω = Σ_layers sum(s ⊙ (U_Gᵀ Δ̄ U_A)²)``;
-  Embedding ``sum(s ⊙ (Δw U_G)²)``.
+  Embedding ``sum(s ⊙ (Δw U_G)²)``; the exact block where the state has
+  one (``ekfac-expand``: never).
 - EWC (Kirkpatrick et al. 2017): ``Ω = Σ_j F_jj Δ_j²``; L2: ``Σ_j Δ_j²``.
 
 KFC and EKFAC add ``Σ F_jj Δ_j²`` for the parameters only a diagonal covers
-(LayerNorm) when the state was estimated with ``include_other``. ``Ω_i`` at
-the new weights is also the data-free estimate of how much task i's loss rose
-("predicted forgetting"), reported by ``per_task``.
+(LayerNorm) when the state was estimated with ``include_other``. With no ½
+in the penalty, the second-order forecast of how much task i's mean loss
+rose is ``½ Ω_i`` (F standing in for the Hessian at ``θ*_i``):
+``predicted_forgetting`` reports that, in nats per query.
 
 Penalties are differentiable and computed on the model's device; factors and
 anchors move there once, on the first call.
@@ -35,8 +42,10 @@ from kronlink.errors import CheckpointError, ConfigError
 
 __all__ = [
     "PENALTY_METHODS",
+    "EKFACExpandPenalty",
     "EKFACPenalty",
     "EWCPenalty",
+    "KFCExpandPenalty",
     "KFCPenalty",
     "L2Penalty",
     "NoPenalty",
@@ -53,8 +62,10 @@ class PenaltyMethod(StrEnum):
     NONE = "none"
     L2 = "l2"
     EWC = "ewc"
-    KFC = "kfc"
-    EKFAC = "ekfac"
+    KFC = "kfc"  # exact blocks for small layers, the split rule elsewhere
+    EKFAC = "ekfac"  # exact blocks for small layers, EKFAC elsewhere
+    KFC_EXPAND = "kfc-expand"  # the paper's expand rule on every layer
+    EKFAC_EXPAND = "ekfac-expand"  # EKFAC on every layer, no exact blocks
 
 
 # The methods that build a penalty against prior tasks (all but "none").
@@ -127,7 +138,8 @@ class Penalty:
 
     @torch.no_grad()
     def per_task(self, model: nn.Module) -> list[float]:
-        """``Ω_i(θ)`` per prior (without λ): the predicted loss increase."""
+        """``Ω_i(θ)`` per prior (without λ): the penalty's own terms, twice
+        the forecast loss increase (see ``predicted_forgetting``)."""
         return [float(om) for om in self.omegas(model)]
 
 
@@ -220,9 +232,12 @@ class EWCPenalty(Penalty):
 
 
 class KFCPenalty(Penalty):
-    """``Ω = Σ_layers vec(Δ̄)ᵀ (A ⊗ G) vec(Δ̄) = sum(Δ̄ ⊙ (G Δ̄ A))``."""
+    """``Ω = Σ_layers vec(Δ̄)ᵀ F_layer vec(Δ̄)`` with the exact block, the
+    split factors or ``A ⊗ G``, in that order of preference (``expand``:
+    ``A ⊗ G`` only). One term per layer of ``kfac``, in its order."""
 
     method = PenaltyMethod.KFC
+    expand = False
 
     def _check(self, prior: TaskState) -> None:
         if CurvatureKind.KFAC not in prior.curvature.kinds:
@@ -237,15 +252,35 @@ class KFCPenalty(Penalty):
             A, G = to(f.A), to(f.G)
             if info.rule is Rule.EMBEDDING:
                 terms.append(_kfc_embedding(info.param_names[0], anchor, A, G))
+            elif not self.expand and name in cs.exact:
+                terms.append(_exact(info.param_names, anchor, to(cs.exact[name])))
+            elif not self.expand and name in cs.split:
+                sp = cs.split[name]
+                terms.append(
+                    _kfc_split(
+                        info.param_names,
+                        anchor,
+                        [(to(sp.A_mean), to(sp.G_mean)), (to(sp.A_dev), to(sp.G_dev))],
+                    )
+                )
             else:
                 terms.append(_kfc_linear(info.param_names, anchor, A, G))
         return terms + _other_terms(prior, to)
 
 
+class KFCExpandPenalty(KFCPenalty):
+    """The paper's KFC: ``sum(Δ̄ ⊙ (G Δ̄ A))`` with the expand factors."""
+
+    method = PenaltyMethod.KFC_EXPAND
+    expand = True
+
+
 class EKFACPenalty(Penalty):
-    """``Ω = Σ_layers sum(s ⊙ (U_Gᵀ Δ̄ U_A)²)``."""
+    """``Ω = Σ_layers sum(s ⊙ (U_Gᵀ Δ̄ U_A)²)``, the exact block where the
+    state has one (``expand``: never)."""
 
     method = PenaltyMethod.EKFAC
+    expand = False
 
     def _check(self, prior: TaskState) -> None:
         if CurvatureKind.EKFAC not in prior.curvature.kinds:
@@ -260,9 +295,18 @@ class EKFACPenalty(Penalty):
             UG, s = to(e.UG), to(e.s)
             if info.rule is Rule.EMBEDDING:
                 terms.append(_ekfac_embedding(info.param_names[0], anchor, UG, s))
+            elif not self.expand and name in cs.exact:
+                terms.append(_exact(info.param_names, anchor, to(cs.exact[name])))
             else:
                 terms.append(_ekfac_linear(info.param_names, anchor, to(e.UA), UG, s))
         return terms + _other_terms(prior, to)
+
+
+class EKFACExpandPenalty(EKFACPenalty):
+    """EKFAC on every layer, as before exact blocks existed."""
+
+    method = PenaltyMethod.EKFAC_EXPAND
+    expand = True
 
 
 def _other_terms(prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
@@ -284,6 +328,24 @@ def _kfc_linear(names: Sequence[str], anchor: dict[str, Tensor], A: Tensor, G: T
     def term(params: dict[str, Tensor]) -> Tensor:
         d = _bar(params, anchor, names)
         return (d * (G @ d @ A)).sum()
+
+    return term
+
+
+def _kfc_split(
+    names: Sequence[str], anchor: dict[str, Tensor], pairs: Sequence[tuple[Tensor, Tensor]]
+) -> _Term:
+    def term(params: dict[str, Tensor]) -> Tensor:
+        d = _bar(params, anchor, names)
+        return sum(((d * (G @ d @ A)).sum() for A, G in pairs), d.new_zeros(()))
+
+    return term
+
+
+def _exact(names: Sequence[str], anchor: dict[str, Tensor], F: Tensor) -> _Term:
+    def term(params: dict[str, Tensor]) -> Tensor:
+        v = _bar(params, anchor, names).T.reshape(-1)  # column-stacking vec
+        return v @ (F @ v)
 
     return term
 
@@ -331,6 +393,8 @@ _METHODS: dict[PenaltyMethod, type[Penalty]] = {
     PenaltyMethod.EWC: EWCPenalty,
     PenaltyMethod.KFC: KFCPenalty,
     PenaltyMethod.EKFAC: EKFACPenalty,
+    PenaltyMethod.KFC_EXPAND: KFCExpandPenalty,
+    PenaltyMethod.EKFAC_EXPAND: EKFACExpandPenalty,
 }
 
 
@@ -339,7 +403,7 @@ def build_penalty(
     priors: Sequence[TaskState],
     lambdas: float | Sequence[float],
 ) -> Penalty:
-    """The penalty for ``method`` ("none", "l2", "ewc", "kfc", "ekfac") over
+    """The penalty for ``method`` (a ``PenaltyMethod`` value) over
     ``priors``, with one λ per prior (or one λ for all)."""
     try:
         m = PenaltyMethod(method)
@@ -350,9 +414,10 @@ def build_penalty(
 
 
 def predicted_forgetting(model: nn.Module, priors: Sequence[TaskState]) -> list[float]:
-    """``Ω_i(θ)`` under each prior's best available curvature (KFC, else
-    EKFAC, else EWC): the data-free estimate of task i's loss increase,
-    whatever penalty the training used."""
+    """``½ Ω_i(θ)`` under each prior's best available curvature (KFC, else
+    EKFAC, else EWC): the second-order, data-free forecast of how much task
+    i's mean loss per query rose (nats), whatever penalty the training used.
+    The ½ is the Taylor expansion's: ``Ω`` (the penalty term) has none."""
     out = []
     for prior in priors:
         kinds = prior.curvature.kinds
@@ -363,5 +428,5 @@ def predicted_forgetting(model: nn.Module, priors: Sequence[TaskState]) -> list[
             if CurvatureKind.EKFAC in kinds
             else PenaltyMethod.EWC
         )
-        out.extend(build_penalty(method, [prior], 1.0).per_task(model))
+        out.extend(0.5 * om for om in build_penalty(method, [prior], 1.0).per_task(model))
     return out

@@ -27,6 +27,7 @@ PUBLIC = {
         "KFACFactors",
         "LayerInfo",
         "Rule",
+        "SplitFactors",
         "TaskState",
         "estimate_curvature",
     ],

@@ -12,6 +12,7 @@ from kronlink.curvature.state import (
     KFACFactors,
     LayerInfo,
     Rule,
+    SplitFactors,
     TaskState,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "KFACFactors",
     "LayerInfo",
     "Rule",
+    "SplitFactors",
     "TaskState",
     "estimate_curvature",
 ]

@@ -23,7 +23,8 @@ from kronlink._safetensors import canonicalize_header
 from kronlink.errors import CheckpointError
 
 FORMAT = "kronlink-curvature"
-FORMAT_VERSION = 1
+# 2 added the split factors and exact blocks (issue 13); 1 still loads.
+FORMAT_VERSION = 2
 
 
 def _dense(t: Tensor) -> Tensor:

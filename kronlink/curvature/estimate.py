@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from kronlink.curvature import factors as fx
 from kronlink.curvature._hooks import Call, plan, recording
+from kronlink.curvature._positions import Positions, grouped
 from kronlink.curvature.state import (
     CurvatureKind,
     CurvatureState,
@@ -31,12 +32,12 @@ from kronlink.curvature.state import (
     KFACFactors,
     LayerInfo,
     Rule,
+    SplitFactors,
 )
 from kronlink.errors import ConfigError, UnsupportedModuleError
 from kronlink.models.base import (
     Ranker,
     RankerBatch,
-    TokenLayout,
     masked_log_softmax,
     ranking_loss,
 )
@@ -60,12 +61,17 @@ class _Acc:
     s: Tensor | None = None  # Σ_n (U_Gᵀ ∇W̄_n U_A)²
     ua: Tensor | None = None
     ug: Tensor | None = None
+    sums: dict[str, Tensor] | None = None  # fx.split_sums (Linear, Conv1d)
+    exact: Tensor | None = None  # Σ_n vec ∇W̄_n vec ∇W̄_nᵀ (small layers)
     calls: int = 0
 
     @classmethod
-    def zeros(cls, info: LayerInfo, module: nn.Module, want_diag: bool, **kw) -> _Acc:
+    def zeros(
+        cls, info: LayerInfo, module: nn.Module, want_diag: bool, exact_max: int, **kw
+    ) -> _Acc:
         """Preallocated sums, so a layer that saw no real position still has
-        (zero) factors. Memory: p̄² + q² + (with the diagonal) the weight."""
+        (zero) factors. Memory: 3(p̄² + q²) + (with the diagonal) the weight
+        + (q·p̄)² for a layer with an exact block."""
         acc = cls(info, module)
         if info.rule is Rule.LAYERNORM:
             acc.diag = torch.zeros(info.weight_shape, **kw).reshape(-1)
@@ -75,8 +81,15 @@ class _Acc:
             acc.a = torch.zeros(info.a_dim, **kw)
             acc.diag = torch.zeros(info.weight_shape, **kw) if want_diag else None
         else:
-            acc.a = torch.zeros(info.a_dim, info.a_dim, **kw)
-            acc.diag = torch.zeros(info.g_dim, info.a_dim, **kw) if want_diag else None
+            p, q = info.a_dim, info.g_dim
+            acc.diag = torch.zeros(q, p, **kw) if want_diag else None
+            acc.sums = {
+                k: torch.zeros(q if k[0] == "g" else p, q if k[0] == "g" else p, **kw)
+                for k in ("a_dev", "g_dev", "a_red", "g_red", "a_wm", "g_wm")
+            }
+            if p * q <= exact_max:
+                acc.exact = torch.zeros(p * q, p * q, **kw)
+            return acc
         acc.g = torch.zeros(info.g_dim, info.g_dim, **kw)
         return acc
 
@@ -88,6 +101,7 @@ def estimate_curvature(
     kinds: Sequence[str] = ("kfac", "ekfac", "diag"),
     fisher: FisherType | str = "empirical",
     include_other: bool = True,
+    exact_max_params: int = 1024,
     progress: Progress | None = None,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
@@ -102,7 +116,12 @@ def estimate_curvature(
       (positions treated as independent: the "expand" rule), so that
       ``F ≈ A ⊗ G``, exact for one example at one position,
     - ``diag F = E_n[(∇W̄_n)²]``, ``∇W̄_n = Σ_t g_t x̄_tᵀ``,
-    - EKFAC (second pass): ``s = E_n[(U_Gᵀ ∇W̄_n U_A)²]``.
+    - EKFAC (second pass): ``s = E_n[(U_Gᵀ ∇W̄_n U_A)²]``,
+    - Linear and Conv1d also get the candidate-aware "split" factors
+      (``SplitFactors``: reduce over a query's mean, expand over the
+      deviations from it) and, when ``q·p̄ <= exact_max_params`` (the scoring
+      head, small layers; 0 turns it off), the exact Fisher block
+      ``E_n[vec ∇W̄_n vec ∇W̄_nᵀ]``, both from the same per-query sums.
 
     LayerNorm gets ``E_n[(∇θ_n)²]`` with ``∇weight_n = Σ_t g_t ⊙ x̂_t`` and
     ``∇bias_n = Σ_t g_t``, when ``include_other`` or ``"diag"`` is asked
@@ -145,7 +164,12 @@ def estimate_curvature(
     device = torch.device(device) if device is not None else param.device
     acc_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     kw = {"dtype": acc_dtype, "device": device}
-    accs = {name: _Acc.zeros(info, m, want_diag, **kw) for name, (m, info) in planned.items()}
+    if exact_max_params < 0:
+        raise ConfigError(f"exact_max_params must be >= 0, got {exact_max_params}")
+    exact_max = exact_max_params if kron else 0
+    accs = {
+        name: _Acc.zeros(info, m, want_diag, exact_max, **kw) for name, (m, info) in planned.items()
+    }
     try:
         total = len(batches) * (2 if two_pass else 1)  # type: ignore[arg-type]
     except TypeError:
@@ -160,11 +184,8 @@ def estimate_curvature(
             model, batches, accs, fisher_t, device, generator
         ):
             n_examples += int(valid.sum())
-            for call, grad in zip(calls, grads, strict=True):
-                acc = accs[call.name]
-                acc.calls += 1
-                pos = _positions(acc, call, grad, layouts, valid, acc_dtype)
-                _first_pass(acc, pos, int(valid.shape[0]), want_diag)
+            for name, pos in grouped(accs, calls, grads, layouts, valid, acc_dtype):
+                _first_pass(accs[name], pos, int(valid.shape[0]), want_diag)
             step += 1
             if progress is not None:
                 progress(step, total)
@@ -181,13 +202,29 @@ def estimate_curvature(
         kfac: dict[str, KFACFactors] = {}
         ekfac: dict[str, EKFACFactors] = {}
         diag: dict[str, Tensor] = {}
+        split: dict[str, SplitFactors] = {}
+        exact: dict[str, Tensor] = {}
         for name, acc in accs.items():
             info = acc.info
             if info.kronecker:
-                A = acc.a / max(acc.positions, 1)
-                G = acc.g / n_examples
+                npos = max(acc.positions, 1)
+                if acc.sums is None:
+                    A, G = acc.a / npos, acc.g / n_examples
+                else:
+                    sm = acc.sums
+                    A = (sm["a_dev"] + sm["a_wm"]) / npos
+                    G = (sm["g_dev"] + sm["g_wm"]) / n_examples
                 if CurvatureKind.KFAC in kinds_t:
                     kfac[name] = KFACFactors(A=A.cpu(), G=G.cpu())
+                    if acc.sums is not None:
+                        split[name] = SplitFactors(
+                            A_mean=(acc.sums["a_red"] / n_examples).cpu(),
+                            G_mean=(acc.sums["g_red"] / n_examples).cpu(),
+                            A_dev=(acc.sums["a_dev"] / npos).cpu(),
+                            G_dev=(acc.sums["g_dev"] / n_examples).cpu(),
+                        )
+                if acc.exact is not None:
+                    exact[name] = (acc.exact / n_examples).cpu()
                 if two_pass:
                     acc.ug = fx.symmetric_eigenbasis(G)
                     emb = info.rule is Rule.EMBEDDING
@@ -203,14 +240,9 @@ def estimate_curvature(
                 model, batches, accs, fisher_t, device, generator, kronecker_only=True
             ):
                 n_second += int(valid.sum())
-                for call, grad in zip(calls, grads, strict=True):
-                    acc = accs[call.name]
-                    if acc.info.kronecker:
-                        _second_pass(
-                            acc,
-                            _positions(acc, call, grad, layouts, valid, acc_dtype),
-                            int(valid.shape[0]),
-                        )
+                for name, pos in grouped(accs, calls, grads, layouts, valid, acc_dtype):
+                    if accs[name].info.kronecker:
+                        _second_pass(accs[name], pos, int(valid.shape[0]))
                 step += 1
                 if progress is not None:
                     progress(step, total)
@@ -237,6 +269,8 @@ def estimate_curvature(
         kfac=kfac,
         ekfac=ekfac,
         diag=diag,
+        split=split,
+        exact=exact,
     )
 
 
@@ -319,97 +353,10 @@ def _labels(
     return torch.where(real, drawn, torch.full_like(drawn, -1))
 
 
-# ---- positions of one call ----------------------------------------------
-
-
-@dataclass
-class _Positions:
-    x: Tensor  # (P, p̄) inputs (augmented), token ids (P,) or x̂ (P, D)
-    g: Tensor  # (P, q)
-    example: Tensor  # (P,)
-
-
-def _layout(call: Call, layouts: dict, n_rows: int, n_queries: int, positions_per_row: int):
-    entry = layouts.get(call.name)
-    if isinstance(entry, TokenLayout):
-        if call.index > 0:
-            raise ConfigError(
-                f"module {call.name!r} ran {call.index + 1} times in one forward; token_layouts "
-                "must give a list with one TokenLayout per call, in call order"
-            )
-        return entry
-    if isinstance(entry, list | tuple):
-        if call.index >= len(entry):
-            raise ConfigError(
-                f"module {call.name!r} ran more often than its {len(entry)} token layouts"
-            )
-        return entry[call.index]
-    if entry is None and n_rows == n_queries and positions_per_row == 1:
-        # One row per query, one position per row: nothing to mask.
-        return None
-    raise ConfigError(
-        f"token_layouts gives no layout for module {call.name!r}, whose input has "
-        f"{n_rows} rows x {positions_per_row} positions for {n_queries} queries"
-    )
-
-
-def _positions(
-    acc: _Acc, call: Call, grad: Tensor, layouts: dict, valid: Tensor, dtype: torch.dtype
-) -> _Positions:
-    rule, module = acc.info.rule, call.module
-    x = call.input
-    if rule is Rule.LINEAR:
-        n = x.shape[0] if x.dim() > 1 else 1
-        xs = x.reshape(n, -1, x.shape[-1]).to(dtype)
-        gs = grad.reshape(n, -1, grad.shape[-1]).to(dtype)
-        if module.bias is not None:
-            xs = fx.augment(xs)
-    elif rule is Rule.CONV1D:
-        if x.dim() != 3:
-            raise ConfigError(f"Conv1d {call.name!r}: expected a batched (N, C, T) input")
-        xs = fx.conv1d_patches(module, x.to(dtype))
-        if module.bias is not None:
-            xs = fx.augment(xs)
-        gs = grad.to(dtype).transpose(1, 2)
-        n = x.shape[0]
-    elif rule is Rule.EMBEDDING:
-        n = x.shape[0] if x.dim() > 0 else 1
-        xs = x.reshape(n, -1)
-        gs = grad.reshape(n, xs.shape[1], -1).to(dtype)
-    else:  # LayerNorm
-        d = len(module.normalized_shape)
-        n = x.shape[0] if x.dim() > d else 1
-        xhat = fx.layer_norm_hat(module, x.to(dtype))
-        xs = xhat.reshape(n, -1, xhat.shape[-1])
-        gs = grad.to(dtype).reshape(n, xs.shape[1], -1)
-    positions = xs.shape[1]
-    lay = _layout(call, layouts, n, valid.shape[0], positions)
-    if lay is None:
-        mask = torch.ones(n, positions, dtype=torch.bool, device=xs.device)
-        example = torch.arange(n, device=xs.device)
-    else:
-        mask, example = lay.mask.to(xs.device), lay.example.to(xs.device)
-        if mask.numel() != n * positions or example.shape != (n,):
-            raise ConfigError(
-                f"token layout of {call.name!r}: mask {tuple(mask.shape)} / example "
-                f"{tuple(example.shape)} do not fit an input of {n} rows x {positions} positions"
-            )
-        mask = mask.reshape(n, positions).bool()
-        if example.numel() and (int(example.min()) < 0 or int(example.max()) >= valid.shape[0]):
-            raise ConfigError(f"token layout of {call.name!r}: example index out of range")
-    # Positions of skipped examples (no label) count nowhere, like padding.
-    keep = mask & valid[example][:, None]
-    if rule is Rule.EMBEDDING and module.padding_idx is not None:
-        # PyTorch gives the padding row no gradient: such positions are padding.
-        keep = keep & (xs != module.padding_idx)
-    ex = example[:, None].expand(n, positions)[keep]
-    return _Positions(x=xs[keep], g=gs[keep], example=ex)
-
-
 # ---- accumulation ---------------------------------------------------------
 
 
-def _first_pass(acc: _Acc, pos: _Positions, n_queries: int, want_diag: bool) -> None:
+def _first_pass(acc: _Acc, pos: Positions, n_queries: int, want_diag: bool) -> None:
     rule = acc.info.rule
     x, g, ex = pos.x, pos.g, pos.example
     if rule is Rule.LAYERNORM:
@@ -419,21 +366,27 @@ def _first_pass(acc: _Acc, pos: _Positions, n_queries: int, want_diag: bool) -> 
             gb = fx.per_example_rows(g, ex, n_queries)
             _add(acc, "diag_bias", gb.square().sum(0))
         return
-    _add(acc, "g", g.T @ g)
     acc.positions += int(x.shape[0])
     if rule is Rule.EMBEDDING:
+        _add(acc, "g", g.T @ g)
         vocab = acc.info.weight_shape[0]
         _add(acc, "a", torch.bincount(x, minlength=vocab).to(g.dtype))
         if want_diag:
             token, rows = fx.embedding_pairs(x, g, ex, vocab)
             acc.diag.index_add_(0, token, rows.square())
         return
-    _add(acc, "a", x.T @ x)
-    if want_diag:
-        fx.accumulate_squares(acc.diag, fx.per_example_outer(g, x, ex, n_queries), lambda c: c)
+    for key, value in fx.split_sums(x, g, ex, n_queries).items():
+        acc.sums[key].add_(value)
+    if want_diag or acc.exact is not None:
+        for chunk in fx.per_example_outer(g, x, ex, n_queries):
+            if want_diag:
+                acc.diag.add_(chunk.square().sum(0))
+            if acc.exact is not None:
+                v = chunk.transpose(1, 2).reshape(chunk.shape[0], -1)  # column-stacking vec
+                acc.exact.add_(v.T @ v)
 
 
-def _second_pass(acc: _Acc, pos: _Positions, n_queries: int) -> None:
+def _second_pass(acc: _Acc, pos: Positions, n_queries: int) -> None:
     x, g, ex = pos.x, pos.g, pos.example
     if acc.info.rule is Rule.EMBEDDING:
         token, rows = fx.embedding_pairs(x, g, ex, acc.info.weight_shape[0])

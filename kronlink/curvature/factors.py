@@ -129,3 +129,34 @@ def accumulate_squares(target: Tensor, chunks: Iterator[Tensor], fn: Callable[[T
     """``target += Σ_chunks Σ_n fn(chunk)_n ** 2`` (sum over the example axis)."""
     for chunk in chunks:
         target.add_(fn(chunk).square().sum(0))
+
+
+def split_sums(x: Tensor, g: Tensor, example: Tensor, n_examples: int) -> dict[str, Tensor]:
+    """The sums behind the candidate-aware ("split") rule and the expand rule.
+
+    With ``m_n``, ``h_n`` the means of a query's ``x̄_t`` and ``g_t`` over its
+    T_n real positions, ``d_t = x̄_t - m_n``, ``e_t = g_t - h_n``, ``s_n = Σ_t g_t``:
+
+    - ``a_dev = Σ_t d dᵀ``, ``g_dev = Σ_t e eᵀ`` (deviations, expand-style),
+    - ``a_red = Σ_n m mᵀ``, ``g_red = Σ_n s sᵀ`` (means, reduce-style),
+    - ``a_wm = Σ_n T_n m mᵀ``, ``g_wm = Σ_n T_n h hᵀ``, so that the expand
+      rule's ``Σ_t x̄ x̄ᵀ = a_dev + a_wm`` and ``Σ_t g gᵀ = g_dev + g_wm``
+      without cancellation.
+
+    The deviations are accumulated directly: subtracting the mean part from
+    ``Σ x̄ x̄ᵀ`` afterwards would cancel badly in float32 when the mean
+    dominates (a scoring head's inputs)."""
+    counts = torch.bincount(example, minlength=n_examples).to(x.dtype)
+    sx = per_example_rows(x, example, n_examples)
+    sg = per_example_rows(g, example, n_examples)
+    t = counts.clamp_min(1)[:, None]
+    m, h = sx / t, sg / t
+    d, e = x - m[example], g - h[example]
+    return {
+        "a_dev": d.T @ d,
+        "g_dev": e.T @ e,
+        "a_red": m.T @ m,
+        "g_red": sg.T @ sg,
+        "a_wm": (m * counts[:, None]).T @ m,
+        "g_wm": (h * counts[:, None]).T @ h,
+    }

@@ -33,6 +33,7 @@ __all__ = [
     "KFACFactors",
     "LayerInfo",
     "Rule",
+    "SplitFactors",
     "TaskState",
 ]
 
@@ -133,11 +134,32 @@ class EKFACFactors:
 
 
 @dataclass(frozen=True)
+class SplitFactors:
+    """The candidate-aware ("split") rule: ``F ≈ A_mean ⊗ G_mean + A_dev ⊗ G_dev``.
+
+    Per query n with real positions t (T_n of them), ``m_n`` and ``h_n`` are
+    the means of ``x̄_t`` and ``g_t``; then exactly
+    ``∇W̄_n = (Σ_t g_t) m_nᵀ + Σ_t (g_t - h_n)(x̄_t - m_n)ᵀ``. The first term
+    gets the "reduce" factors ``A_mean = E_n[m mᵀ]``, ``G_mean = E_n[(Σ_t g)(Σ_t g)ᵀ]``,
+    the second the "expand" factors of the deviations ``A_dev`` (mean over
+    real positions), ``G_dev`` (sum over a query's positions, mean over
+    queries). Shapes as in ``KFACFactors``."""
+
+    A_mean: Tensor
+    G_mean: Tensor
+    A_dev: Tensor
+    G_dev: Tensor
+
+
+@dataclass(frozen=True)
 class CurvatureState:
     """Per-task curvature. ``diag`` maps parameter names to ``F_jj`` (same
     shape as the parameter); ``other`` lists parameters that only have a
     diagonal (LayerNorm); ``include_other`` says whether the KFC and EKFAC
-    penalties add the diagonal terms of those."""
+    penalties add the diagonal terms of those. ``split`` holds the
+    candidate-aware factors of Linear/Conv1d layers and ``exact`` the exact
+    Fisher block ``E_n[vec ∇W̄_n vec ∇W̄_nᵀ]`` (column-stacking vec, (q·p̄)²)
+    of the small ones; both are empty in a format-1 file."""
 
     fisher: FisherType
     n_examples: int
@@ -147,6 +169,8 @@ class CurvatureState:
     kfac: Mapping[str, KFACFactors] = field(default_factory=dict)
     ekfac: Mapping[str, EKFACFactors] = field(default_factory=dict)
     diag: Mapping[str, Tensor] = field(default_factory=dict)
+    split: Mapping[str, SplitFactors] = field(default_factory=dict)
+    exact: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -165,9 +189,10 @@ class CurvatureState:
     def num_stored(self) -> int:
         """Numbers stored: linear in the parameter count (p̄² + q² a layer)."""
         total = 0
-        for group in (self.kfac, self.ekfac):
+        for group in (self.kfac, self.ekfac, self.split):
             for f in group.values():
                 total += sum(t.numel() for t in vars(f).values() if t is not None)
+        total += sum(t.numel() for t in self.exact.values())
         return total + sum(t.numel() for t in self.diag.values())
 
     # ---- serialisation -------------------------------------------------
@@ -190,6 +215,11 @@ class CurvatureState:
             out[f"ekfac/{name}/s"] = e.s.to(dtype)
         for pname, d in self.diag.items():
             out[f"diag/{pname}"] = d.to(dtype)
+        for name, sp in self.split.items():
+            for key, t in vars(sp).items():
+                out[f"split/{name}/{key}"] = t.to(dtype)
+        for name, f in self.exact.items():
+            out[f"exact/{name}/F"] = f.to(dtype)
         return out
 
     def metadata(self) -> dict[str, str]:
@@ -200,6 +230,8 @@ class CurvatureState:
             "include_other": json.dumps(self.include_other),
             "layers": json.dumps([info.to_json() for info in self.layers.values()]),
             "params": json.dumps({k: list(v) for k, v in self.param_shapes.items()}),
+            "split": json.dumps(list(self.split)),
+            "exact": json.dumps(list(self.exact)),
         }
 
     def save(self, path: str | Path, *, dtype: torch.dtype = torch.float32) -> None:
@@ -235,6 +267,12 @@ class CurvatureState:
                     bias=bool(item["bias"]),
                 )
                 layers[info.name] = info
+            # Format 1 had neither: its states load with the expand rule only.
+            split_names = _io.loads(meta, "split", path) if "split" in meta else []
+            exact_names = _io.loads(meta, "exact", path) if "exact" in meta else []
+            unknown = [n for n in [*split_names, *exact_names] if n not in layers]
+            if unknown:
+                raise ValueError(f"split/exact blocks for unknown layer(s) {unknown}")
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: malformed curvature metadata ({exc})") from exc
 
@@ -276,12 +314,28 @@ class CurvatureState:
             if CurvatureKind.DIAG in kinds or (include_other and not info.kronecker):
                 for pname, shape in info.param_shapes.items():
                     diag[pname] = take(f"diag/{pname}", shape)
+        split: dict[str, SplitFactors] = {}
+        for name in split_names:
+            info = layers[name]
+            a2, g2 = (info.a_dim, info.a_dim), (info.g_dim, info.g_dim)
+            split[name] = SplitFactors(
+                A_mean=take(f"split/{name}/A_mean", a2),
+                G_mean=take(f"split/{name}/G_mean", g2),
+                A_dev=take(f"split/{name}/A_dev", a2),
+                G_dev=take(f"split/{name}/G_dev", g2),
+            )
+        exact: dict[str, Tensor] = {}
+        for name in exact_names:
+            n = layers[name].a_dim * layers[name].g_dim
+            exact[name] = take(f"exact/{name}/F", (n, n))
         if tensors:
             warnings.warn(
                 f"{path}: ignoring {len(tensors)} unknown tensor(s), e.g. {next(iter(tensors))!r}",
                 stacklevel=3,
             )
-        return cls(fisher, n_examples, kinds, include_other, layers, kfac, ekfac, diag)
+        return cls(
+            fisher, n_examples, kinds, include_other, layers, kfac, ekfac, diag, split, exact
+        )
 
     def validate(self, model: nn.Module) -> None:
         """Raise ``CheckpointError`` if a covered parameter is absent from

@@ -1,8 +1,9 @@
 """How the dashboard shows Ω (predicted forgetting): one place, so the scale it
 is shown on can change with its calibration.
 
-Ω is the curvature's data-free estimate of a prior task's loss increase (the
-penalty without its ½, DESIGN.md section 4). Until research runs calibrate it
+Ω is the curvature's data-free, second-order forecast of a prior task's mean
+loss increase, ``½ Δᵀ F Δ`` in nats per query (``predicted_forgetting``; the
+penalty itself has no ½, docs/curvature.md). Until research runs calibrate it
 against measured forgetting it has no units an operator can read, so it is
 shown as a relative risk score: larger means more forgetting is likely.
 """

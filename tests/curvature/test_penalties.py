@@ -11,8 +11,10 @@ from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.errors import ConfigError
 from kronlink.models.base import Ranker, RankerBatch, TokenLayout, ranking_loss
 from kronlink.penalties import (
+    EKFACExpandPenalty,
     EKFACPenalty,
     EWCPenalty,
+    KFCExpandPenalty,
     KFCPenalty,
     L2Penalty,
     NoPenalty,
@@ -47,7 +49,11 @@ def _prior(case: str) -> tuple[Ranker, TaskState]:
 
 
 def _dense_omega(model: Ranker, prior: TaskState, method: str) -> torch.Tensor:
-    """Ω from explicit dense matrices (torch.kron), differentiable."""
+    """Ω from explicit dense matrices (torch.kron), differentiable. "kfc" and
+    "ekfac" use the exact block where the state has one, "kfc" the split
+    factors on other Linear/Conv1d layers; the "-expand" methods neither."""
+    expand = method.endswith("-expand")
+    method = method.removesuffix("-expand")
     params = dict(model.named_parameters())
     cs = prior.curvature
     total = torch.zeros((), dtype=torch.float64)
@@ -71,7 +77,12 @@ def _dense_omega(model: Ranker, prior: TaskState, method: str) -> torch.Tensor:
             if info.bias:
                 dw = torch.cat([dw, deltas[info.param_names[1]][:, None]], 1)
             v = vec(dw)
-            if method == "kfc":
+            if not expand and name in cs.exact:
+                F = cs.exact[name]
+            elif method == "kfc" and not expand:
+                sp = cs.split[name]
+                F = torch.kron(sp.A_mean, sp.G_mean) + torch.kron(sp.A_dev, sp.G_dev)
+            elif method == "kfc":
                 f = cs.kfac[name]
                 F = torch.kron(f.A, f.G)
             else:
@@ -83,7 +94,15 @@ def _dense_omega(model: Ranker, prior: TaskState, method: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", ["cross", "cross-sparse", "conv"])
-@pytest.mark.parametrize(("method", "cls"), [("kfc", KFCPenalty), ("ekfac", EKFACPenalty)])
+@pytest.mark.parametrize(
+    ("method", "cls"),
+    [
+        ("kfc", KFCPenalty),
+        ("ekfac", EKFACPenalty),
+        ("kfc-expand", KFCExpandPenalty),
+        ("ekfac-expand", EKFACExpandPenalty),
+    ],
+)
 def test_two_product_form_equals_dense_kronecker(case: str, method: str, cls) -> None:
     model, prior = _prior(case)
     pen = cls([prior], [1.0])
@@ -119,13 +138,14 @@ def test_ewc_l2_none_and_lambdas(case: str) -> None:
     om = pen.per_task(model)
     assert om[0] == pytest.approx(om[1]) and om[0] > 0
     assert float(pen(model)) == pytest.approx(1010.0 * om[0], rel=1e-12)
-    assert predicted_forgetting(model, [prior]) == pytest.approx([om[0]])
+    # the forecast loss increase is ½ Ω (the penalty has no ½)
+    assert predicted_forgetting(model, [prior]) == pytest.approx([0.5 * om[0]])
     assert float(NoPenalty([prior], 1.0)(model)) == 0.0
     assert NoPenalty([prior], 1.0).per_task(model) == [0.0]
     # at the anchor every penalty is zero
     for n, p in model.named_parameters():
         p.copy_(prior.anchor[n])
-    for method in ("l2", "ewc", "kfc", "ekfac"):
+    for method in ("l2", "ewc", "kfc", "ekfac", "kfc-expand", "ekfac-expand"):
         assert float(build_penalty(method, [prior], 5.0)(model)) == pytest.approx(0.0, abs=1e-20)
 
 

@@ -138,4 +138,11 @@ def test_memory_is_linear_in_parameters(task) -> None:
     per_layer = sum(
         info.a_dim**2 + info.g_dim**2 for info in ts.curvature.layers.values() if info.kronecker
     )
-    assert ts.curvature.num_stored() <= 3 * n_params + 2 * per_layer
+    # kfac + split: 3 (p̄² + q²) a layer; ekfac: p̄² + q² + q·p̄; the exact
+    # blocks are (q·p̄)² with q·p̄ <= exact_max_params (1024): at most 1024
+    # numbers per parameter they cover, a constant.
+    exact = ts.curvature.exact
+    assert exact, "the head (5 parameters) gets an exact block"
+    exact_numbers = sum(f.numel() for f in exact.values())
+    assert exact_numbers <= 1024 * sum(f.shape[0] for f in exact.values())
+    assert ts.curvature.num_stored() - exact_numbers <= 3 * n_params + 4 * per_layer

@@ -1,0 +1,133 @@
+"""Positions of one module call: which rows and positions are real, which
+query each belongs to, and the (input, output-gradient) pairs there. The
+calls of a module that ran several times in one forward are pooled."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kronlink.curvature import factors as fx
+from kronlink.curvature._hooks import Call
+from kronlink.curvature.state import LayerInfo, Rule
+from kronlink.errors import ConfigError
+from kronlink.models.base import TokenLayout
+
+
+@dataclass
+class Positions:
+    x: Tensor  # (P, p̄) inputs (augmented), token ids (P,) or x̂ (P, D)
+    g: Tensor  # (P, q)
+    example: Tensor  # (P,)
+
+
+def _layout(call: Call, layouts: dict, n_rows: int, n_queries: int, positions_per_row: int):
+    entry = layouts.get(call.name)
+    if isinstance(entry, TokenLayout):
+        if call.index > 0:
+            raise ConfigError(
+                f"module {call.name!r} ran {call.index + 1} times in one forward; token_layouts "
+                "must give a list with one TokenLayout per call, in call order"
+            )
+        return entry
+    if isinstance(entry, list | tuple):
+        if call.index >= len(entry):
+            raise ConfigError(
+                f"module {call.name!r} ran more often than its {len(entry)} token layouts"
+            )
+        return entry[call.index]
+    if entry is None and n_rows == n_queries and positions_per_row == 1:
+        # One row per query, one position per row: nothing to mask.
+        return None
+    raise ConfigError(
+        f"token_layouts gives no layout for module {call.name!r}, whose input has "
+        f"{n_rows} rows x {positions_per_row} positions for {n_queries} queries"
+    )
+
+
+def positions(
+    info: LayerInfo, call: Call, grad: Tensor, layouts: dict, valid: Tensor, dtype: torch.dtype
+) -> Positions:
+    rule, module = info.rule, call.module
+    x = call.input
+    if rule is Rule.LINEAR:
+        n = x.shape[0] if x.dim() > 1 else 1
+        xs = x.reshape(n, -1, x.shape[-1]).to(dtype)
+        gs = grad.reshape(n, -1, grad.shape[-1]).to(dtype)
+        if module.bias is not None:
+            xs = fx.augment(xs)
+    elif rule is Rule.CONV1D:
+        if x.dim() != 3:
+            raise ConfigError(f"Conv1d {call.name!r}: expected a batched (N, C, T) input")
+        xs = fx.conv1d_patches(module, x.to(dtype))
+        if module.bias is not None:
+            xs = fx.augment(xs)
+        gs = grad.to(dtype).transpose(1, 2)
+        n = x.shape[0]
+    elif rule is Rule.EMBEDDING:
+        n = x.shape[0] if x.dim() > 0 else 1
+        xs = x.reshape(n, -1)
+        gs = grad.reshape(n, xs.shape[1], -1).to(dtype)
+    else:  # LayerNorm
+        d = len(module.normalized_shape)
+        n = x.shape[0] if x.dim() > d else 1
+        xhat = fx.layer_norm_hat(module, x.to(dtype))
+        xs = xhat.reshape(n, -1, xhat.shape[-1])
+        gs = grad.to(dtype).reshape(n, xs.shape[1], -1)
+    positions = xs.shape[1]
+    lay = _layout(call, layouts, n, valid.shape[0], positions)
+    if lay is None:
+        mask = torch.ones(n, positions, dtype=torch.bool, device=xs.device)
+        example = torch.arange(n, device=xs.device)
+    else:
+        mask, example = lay.mask.to(xs.device), lay.example.to(xs.device)
+        if mask.numel() != n * positions or example.shape != (n,):
+            raise ConfigError(
+                f"token layout of {call.name!r}: mask {tuple(mask.shape)} / example "
+                f"{tuple(example.shape)} do not fit an input of {n} rows x {positions} positions"
+            )
+        mask = mask.reshape(n, positions).bool()
+        if example.numel() and (int(example.min()) < 0 or int(example.max()) >= valid.shape[0]):
+            raise ConfigError(f"token layout of {call.name!r}: example index out of range")
+    # Positions of skipped examples (no label) count nowhere, like padding.
+    keep = mask & valid[example][:, None]
+    if rule is Rule.EMBEDDING and module.padding_idx is not None:
+        # PyTorch gives the padding row no gradient: such positions are padding.
+        keep = keep & (xs != module.padding_idx)
+    ex = example[:, None].expand(n, positions)[keep]
+    return Positions(x=xs[keep], g=gs[keep], example=ex)
+
+
+def grouped(
+    accs: dict,
+    calls: list[Call],
+    grads: list[Tensor],
+    layouts: dict,
+    valid: Tensor,
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, Positions]]:
+    """One ``_Positions`` per module: the calls of a module that ran several
+    times in this forward (a shared encoder) pooled, so that per-query
+    gradients, means and exact blocks sum over all of its calls."""
+    by_name: dict[str, list[Positions]] = {}
+    for call, grad in zip(calls, grads, strict=True):
+        acc = accs[call.name]
+        acc.calls += 1
+        by_name.setdefault(call.name, []).append(
+            positions(acc.info, call, grad, layouts, valid, dtype)
+        )
+    for name, parts in by_name.items():
+        if len(parts) == 1:
+            yield name, parts[0]
+        else:
+            yield (
+                name,
+                Positions(
+                    x=torch.cat([p.x for p in parts]),
+                    g=torch.cat([p.g for p in parts]),
+                    example=torch.cat([p.example for p in parts]),
+                ),
+            )
