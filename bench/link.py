@@ -16,9 +16,11 @@ artifacts), starts ``kronlink serve`` as a child process, and measures:
   process, with no HTTP. Queries/s = C / batch time; each query's latency is
   its batch's time.
 
-The clients are a minimal HTTP/1.1 keep-alive client over asyncio streams in
-this process, so the load generator costs little of the CPU it shares with
-the server; the in-process figures are measured while the server idles.
+The clients are httpx.AsyncClient instances (one keep-alive connection
+each) in this process; the load generator shares the CPU with the server, so
+its cost is part of what the service figures pay. The in-process figures are
+measured while the server idles. A 429 (overload) is counted, and the client
+waits its Retry-After before the next request.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+from link_table import cpu_seconds, render
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin-token-0123456789"
@@ -59,10 +63,37 @@ NAMES = [
 ]
 
 
-def query(i: int, candidates: int) -> dict:
-    """A query of about 32 word pieces a row (left context, mention, right, a name)."""
+ONTOLOGY = "bench"
+CONCEPTS = 5000  # in the bench ontology that BM25 candidates come from
+
+
+def concepts() -> list:
+    """A synthetic ontology: every name shares words with the queries' mentions."""
+    from kronlink.data.schema import Concept
+
+    return [
+        Concept(
+            f"B{i:05d}",
+            f"{NAMES[i % len(NAMES)]} {WORDS[(7 * i) % len(WORDS)]} {WORDS[(13 * i) % len(WORDS)]}",
+        )
+        for i in range(CONCEPTS)
+    ]
+
+
+def query(i: int, candidates: int, bm25: bool = False) -> dict:
+    """A query of about 32 word pieces a row (left context, mention, right, a name).
+
+    ``bm25``: no candidates; the service generates ``candidates`` of them
+    from the registered bench ontology (KRONLINK_BM25_CANDIDATES)."""
     left = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(8))
     right = " ".join(WORDS[(i + 3 + k) % len(WORDS)] for k in range(6))
+    if bm25:
+        return {
+            "mention": NAMES[i % len(NAMES)],
+            "left_context": left,
+            "right_context": right,
+            "ontology": ONTOLOGY,
+        }
     cands = [
         {"id": f"C{(i + j) % 97}", "name": NAMES[(i + j) % len(NAMES)]} for j in range(candidates)
     ]
@@ -102,8 +133,18 @@ def register(data: Path, kind: str) -> None:
     model.save(scratch / "m")
     art = ArtifactStore(settings.artifact_url).put_dir("versions/main/bench", scratch / "m")
     shutil.rmtree(scratch)
+    from kronlink.data.io import write_ontology
+    from kronlink.registry import create_ontology
+
+    scratch = Path(tempfile.mkdtemp())
+    write_ontology(scratch / "ontology.jsonl", concepts())
+    onto = ArtifactStore(settings.artifact_url).put_file(
+        f"ontologies/{ONTOLOGY}/bench", scratch / "ontology.jsonl"
+    )
+    shutil.rmtree(scratch)
     engine = create_engine_from_url(settings.database)
     with lineage_transaction(make_session_factory(engine), "main") as s:
+        create_ontology(s, ONTOLOGY, concept_count=CONCEPTS, source="bench", artifact=onto)
         v = create_version(s, lineage="main", method="none", artifact=art)
         activate_version(s, v.id, actor="bench")
     engine.dispose()
@@ -118,6 +159,7 @@ class Point:
     batch: float = 0.0  # service: mean queries per model call
     model_ms: float = 0.0  # service: mean model call (candidates, encode, forward, rank)
     cpu_ms: float = 0.0  # CPU time per query (server processes, or this process)
+    rejected: int = 0  # service: 429 answers (overload) during the measured window
 
 
 def summarize(latencies: list[float], queries: int, seconds: float) -> Point:
@@ -128,8 +170,7 @@ def summarize(latencies: list[float], queries: int, seconds: float) -> Point:
 
 def scrape(port: int) -> dict[str, float]:
     """Sums of the batching metrics (the whole run so far)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     out = {}
     for line in text.splitlines():
         for key in (
@@ -142,38 +183,10 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def tree_pids(root: int) -> list[int]:
-    """``root`` and its descendants (Linux /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[1])
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += [p for p, pp in parents.items() if pp == pid]
-    return out
-
-
-def cpu_seconds(root: int) -> float:
-    """utime + stime of a process and its descendants (Linux /proc)."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended since
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 # -- in-process ---------------------------------------------------------------
-def in_process(data: Path, concurrency: int, duration: float, candidates: int) -> Point:
+def in_process(
+    data: Path, concurrency: int, duration: float, candidates: int, bm25: bool = False
+) -> Point:
     from kronlink.registry import ArtifactStore, active_version, create_engine_from_url
     from kronlink.registry import make_session_factory as msf
     from kronlink.settings import Settings
@@ -186,17 +199,31 @@ def in_process(data: Path, concurrency: int, duration: float, candidates: int) -
         version = active_version(s, "main")
     engine.dispose()
     model = load_version(ArtifactStore(settings.artifact_url), version, "cpu")
+    from kronlink.data.candidates import CandidateIndex
     from kronlink.data.schema import Candidate
+    from kronlink.registry import get_ontology
+    from service.ontologies import OntologyIndex
 
+    index = None
+    if bm25:  # the index the service builds for the ontology (service/ontologies.py)
+        cs = concepts()
+        engine = create_engine_from_url(settings.database)
+        with msf(engine).begin() as s:
+            info = get_ontology(s, ONTOLOGY)
+        engine.dispose()
+        index = OntologyIndex(info, CandidateIndex(cs), {c.id: c for c in cs})
     items = []
     for i in range(concurrency):
-        q = query(i, candidates)
+        q = query(i, candidates, bm25)
+        given = None if bm25 else tuple(Candidate(c["id"], c["name"]) for c in q["candidates"])
         items.append(
             LinkItem(
                 mention=q["mention"],
                 left_context=q["left_context"],
                 right_context=q["right_context"],
-                candidates=tuple(Candidate(c["id"], c["name"]) for c in q["candidates"]),
+                candidates=given,
+                index=index,
+                k=candidates,
             )
         )
     rank_items(model, items, 64)  # warm-up
@@ -221,34 +248,30 @@ async def _client(
     warm_until: float,
     lat: list[float],
     counts: list[int],
+    statuses: dict[int, int],
 ) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    request = head + body
-    try:
+    """One keep-alive client sending one request at a time; a 429 is counted, not fatal."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    headers = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60
+    ) as client:
         while True:
             t0 = time.perf_counter()
             if t0 >= stop_at:
                 return
-            writer.write(request)
-            headers = await reader.readuntil(b"\r\n\r\n")
-            status = int(headers[9:12])
-            length = 0
-            for line in headers.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            payload = await reader.readexactly(length)
-            if status != 200:
-                raise RuntimeError(f"{path}: {status} {payload[:300]!r}")
+            r = await client.post(path, content=body, headers=headers)
             t1 = time.perf_counter()
+            if r.status_code not in (200, 429):
+                raise RuntimeError(f"{path}: {r.status_code} {r.text[:300]!r}")
             if t0 >= warm_until:
-                lat.append(t1 - t0)
-                counts[0] += per_request
-    finally:
-        writer.close()
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    lat.append(t1 - t0)
+                    counts[0] += per_request
+            if r.status_code == 429:
+                # as a well-behaved client would: wait what the server asks
+                await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
 
 
 async def _load(
@@ -256,12 +279,18 @@ async def _load(
 ) -> Point:
     lat: list[float] = []
     counts = [0]
+    statuses: dict[int, int] = {}
     now = time.perf_counter()
     warm_until, stop_at = now + warmup, now + warmup + duration
     await asyncio.gather(
-        *(_client(port, path, b, per_request, stop_at, warm_until, lat, counts) for b in bodies)
+        *(
+            _client(port, path, b, per_request, stop_at, warm_until, lat, counts, statuses)
+            for b in bodies
+        )
     )
-    return summarize(lat, counts[0], duration)
+    point = summarize(lat, counts[0], duration)
+    point.rejected = statuses.get(429, 0)
+    return point
 
 
 def service_point(
@@ -272,15 +301,18 @@ def service_point(
     warmup: float,
     candidates: int,
     batch: int = 0,
+    bm25: bool = False,
 ) -> Point:
     if batch:
         bodies = [
-            json.dumps({"items": [query(c * batch + i, candidates) for i in range(batch)]}).encode()
+            json.dumps(
+                {"items": [query(c * batch + i, candidates, bm25) for i in range(batch)]}
+            ).encode()
             for c in range(concurrency)
         ]
         path, per = "/v1/link/batch", batch
     else:
-        bodies = [json.dumps(query(i, candidates)).encode() for i in range(concurrency)]
+        bodies = [json.dumps(query(i, candidates, bm25)).encode() for i in range(concurrency)]
         path, per = "/v1/link", 1
     before, cpu0 = scrape(port), cpu_seconds(server.pid)
     point = asyncio.run(_load(port, path, bodies, per, warmup, duration))
@@ -331,10 +363,9 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
             pass
         time.sleep(0.3)
     proc.kill()
@@ -358,7 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured a point")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--candidates", type=int, default=10)
+    p.add_argument(
+        "--candidates-from",
+        choices=["bm25", "given"],
+        default="bm25",
+        help="bm25: requests name the bench ontology and the service generates the "
+        "candidates (in-process too); given: each request carries them",
+    )
     p.add_argument("--batch-items", type=int, default=64, help="queries a /v1/link/batch request")
+    p.add_argument("--no-batch-route", action="store_true", help="measure /v1/link only")
     p.add_argument("--workers", type=int, default=1, help="server processes")
     p.add_argument(
         "--threads",
@@ -367,12 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads, in-process and per server process (KRONLINK_TORCH_THREADS)",
     )
     p.add_argument("--batch-wait-ms", type=float, help="KRONLINK_BATCH_MAX_WAIT_MS for the server")
+    p.add_argument("--queue-max-ms", type=float, help="KRONLINK_BATCH_QUEUE_MAX_MS for the server")
     p.add_argument("--short", action="store_true", help="CNN, 1 and 8 clients, 3 s a point")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="also write the record here (bench/link_table.py reads it)")
     args = p.parse_args(argv)
     if args.short:
         args.model, args.concurrency, args.duration, args.warmup = "cnn", "1,8", 3.0, 1.0
     levels = [int(c) for c in args.concurrency.split(",")]
+    bm25 = args.candidates_from == "bm25"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -380,29 +421,39 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = Path(tempfile.mkdtemp(prefix="kronlink-bench-"))
     rows = []
+    load_before = os.getloadavg()
+    started = time.time()
     try:
         register(data, args.model)
         port = free_port()
-        extra = {"KRONLINK_TORCH_THREADS": str(args.threads)}
+        extra = {
+            "KRONLINK_TORCH_THREADS": str(args.threads),
+            "KRONLINK_BM25_CANDIDATES": str(args.candidates),
+        }
         if args.batch_wait_ms is not None:
             extra["KRONLINK_BATCH_MAX_WAIT_MS"] = str(args.batch_wait_ms)
+        if args.queue_max_ms is not None:
+            extra["KRONLINK_BATCH_QUEUE_MAX_MS"] = str(args.queue_max_ms)
         server = start_server(data, port, args.workers, extra)
         try:
             for c in levels:
-                svc = service_point(server, port, c, args.duration, args.warmup, args.candidates)
-                ref = in_process(data, c, args.duration, args.candidates)
+                svc = service_point(
+                    server, port, c, args.duration, args.warmup, args.candidates, bm25=bm25
+                )
+                ref = in_process(data, c, args.duration, args.candidates, bm25)
                 rows.append(("/v1/link", c, 1, svc, ref))
                 print(
-                    f"  {c:>3} clients: service {svc.qps:8.1f} q/s, in-process {ref.qps:8.1f} q/s",
+                    f"  {c:>3} clients: service {svc.qps:8.1f} q/s, in-process {ref.qps:8.1f} q/s"
+                    f", 429s {svc.rejected}",
                     file=sys.stderr,
                     flush=True,
                 )
             b = args.batch_items
-            for c in sorted({1, min(levels[-1], 2)}):
+            for c in [] if args.no_batch_route else sorted({1, min(levels[-1], 2)}):
                 svc = service_point(
-                    server, port, c, args.duration, args.warmup, args.candidates, batch=b
+                    server, port, c, args.duration, args.warmup, args.candidates, b, bm25
                 )
-                ref = in_process(data, b, args.duration, args.candidates)
+                ref = in_process(data, b, args.duration, args.candidates, bm25)
                 rows.append(("/v1/link/batch", c, b, svc, ref))
                 print(
                     f"  batch {c} x {b}: service {svc.qps:8.1f} q/s, in-process {ref.qps:8.1f} q/s",
@@ -415,49 +466,37 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
-    print(
-        f"\nmodel {args.model}, {args.candidates} candidates, ~32 word pieces a row; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-        f"server processes {args.workers}; {args.duration:g} s a point\n"
-    )
-    print(
-        "| route | clients | queries/request | service q/s | p50 ms | p99 ms "
-        "| in-process q/s (batch) | p50 ms | p99 ms | service / in-process |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for route, c, per, svc, ref in rows:
-        batch = c * per
-        print(
-            f"| {route} | {c} | {per} | {svc.qps:.1f} | {svc.p50_ms:.1f} | {svc.p99_ms:.1f} "
-            f"| {ref.qps:.1f} ({batch if route == '/v1/link' else per}) | {ref.p50_ms:.1f} "
-            f"| {ref.p99_ms:.1f} | {svc.qps / ref.qps:.0%} |"
-        )
-    print(
-        "\n| route | clients | service: queries per model call | model call ms "
-        "| CPU ms per query: service | in-process |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
-    for route, c, _per, svc, ref in rows:
-        print(
-            f"| {route} | {c} | {svc.batch:.1f} | {svc.model_ms:.1f} | {svc.cpu_ms:.2f} "
-            f"| {ref.cpu_ms:.2f} |"
-        )
+    record = {
+        "bench": "bench/link.py",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "model": args.model,
+        "candidates": args.candidates,
+        "candidates_from": args.candidates_from,
+        "workers": args.workers,
+        "threads": args.threads,
+        "duration_s": args.duration,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "started_unix": started,
+        "rows": [
+            {
+                "route": r,
+                "clients": c,
+                "per_request": per,
+                "service": vars(sv),
+                "in_process": vars(ip),
+            }
+            for r, c, per, sv, ip in rows
+        ],
+    }
+    print(render([record]))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                [
-                    {
-                        "route": r,
-                        "clients": c,
-                        "per_request": per,
-                        "service": vars(s),
-                        "in_process": vars(i),
-                    }
-                    for r, c, per, s, i in rows
-                ],
-                indent=2,
-            )
-        )
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 

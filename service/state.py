@@ -117,6 +117,7 @@ class ServiceState:
                 max_size=s.batch_max_size,
                 max_wait_s=s.batch_max_wait_ms / 1000,
                 queue_max=s.batch_queue_max,
+                queue_max_s=s.batch_queue_max_ms / 1000,
             )
             batcher.start()
             self.batchers[lineage] = batcher
