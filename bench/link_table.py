@@ -75,11 +75,24 @@ def render(records: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+START, END = "<!-- bench/link_table.py -->", "<!-- end bench/link_table.py -->"
+
+
 def main(argv: list[str]) -> int:
+    docs = None
+    if argv[:1] == ["--docs"]:
+        docs, argv = Path(argv[1]), argv[2:]
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    print(render([json.loads(Path(a).read_text()) for a in argv]))
+    tables = render([json.loads(Path(a).read_text()) for a in argv])
+    if docs is None:
+        print(tables)
+        return 0
+    text = docs.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    docs.write_text(f"{head}{START}\n{tables}\n{END}{tail}")
     return 0
 
 
