@@ -30,12 +30,12 @@ from pathlib import Path
 from kronlink.cli._demo_http import Api, DemoError, detail
 from kronlink.cli._demo_steps import (
     LINEAGE,
-    show_path,
     admin_token,
     build_tasks,
     run_job,
     sample_mention,
     say,
+    show_path,
     start_up,
     stop,
     wait_served,
