@@ -25,7 +25,7 @@ from kronlink.registry import ArtifactStore, create_engine_from_url, make_sessio
 from kronlink.settings import Settings
 from service.batching import MicroBatcher
 from service.holder import ModelHolder
-from service.metrics import Metrics
+from service.metrics import Metrics, forget_process
 from service.ontologies import OntologyIndexes
 from service.replicas import ReplicaReporter
 from service.uploads import sweep_uploads
@@ -150,6 +150,7 @@ class ServiceState:
             self._producer.close()
         if self.engine is not None:
             self.engine.dispose()
+        forget_process()
 
     # -- model watching --------------------------------------------------------
     def nudge(self) -> None:
