@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from _link_clients import httpx_client, raw_client
 from link_table import cpu_seconds, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,6 +155,7 @@ class Point:
     model_ms: float = 0.0  # service: mean model call (candidates, encode, forward, rank)
     cpu_ms: float = 0.0  # CPU time per query (server processes, or this process)
     rejected: int = 0  # service: 429 answers (overload) during the measured window
+    client_cpu_ms: float = 0.0  # service: the load generator's CPU time per query
 
 
 def summarize(latencies: list[float], queries: int, seconds: float) -> Point:
@@ -233,43 +235,17 @@ def in_process(
 
 
 # -- the service ----------------------------------------------------------------
-async def _client(
-    port: int,
-    path: str,
-    body: bytes,
-    per_request: int,
-    stop_at: float,
-    warm_until: float,
-    lat: list[float],
-    counts: list[int],
-    statuses: dict[int, int],
-) -> None:
-    """One keep-alive client sending one request at a time; a 429 is counted, not fatal."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    headers = {"Content-Type": "application/json"}
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60
-    ) as client:
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
-                return
-            r = await client.post(path, content=body, headers=headers)
-            t1 = time.perf_counter()
-            if r.status_code not in (200, 429):
-                raise RuntimeError(f"{path}: {r.status_code} {r.text[:300]!r}")
-            if t0 >= warm_until:
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200:
-                    lat.append(t1 - t0)
-                    counts[0] += per_request
-            if r.status_code == 429:
-                # as a well-behaved client would: wait what the server asks
-                await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+CLIENTS = {"httpx": httpx_client, "raw": raw_client}
 
 
 async def _load(
-    port: int, path: str, bodies: list[bytes], per_request: int, warmup: float, duration: float
+    port: int,
+    path: str,
+    bodies: list[bytes],
+    per_request: int,
+    warmup: float,
+    duration: float,
+    client: str = "httpx",
 ) -> Point:
     lat: list[float] = []
     counts = [0]
@@ -278,7 +254,7 @@ async def _load(
     warm_until, stop_at = now + warmup, now + warmup + duration
     await asyncio.gather(
         *(
-            _client(port, path, b, per_request, stop_at, warm_until, lat, counts, statuses)
+            CLIENTS[client](port, path, b, per_request, stop_at, warm_until, lat, counts, statuses)
             for b in bodies
         )
     )
@@ -296,6 +272,7 @@ def service_point(
     candidates: int,
     batch: int = 0,
     bm25: bool = False,
+    client: str = "httpx",
 ) -> Point:
     if batch:
         bodies = [
@@ -309,7 +286,9 @@ def service_point(
         bodies = [json.dumps(query(i, candidates, bm25)).encode() for i in range(concurrency)]
         path, per = "/v1/link", 1
     before, cpu0 = scrape(port), cpu_seconds(server.pid)
-    point = asyncio.run(_load(port, path, bodies, per, warmup, duration))
+    own0 = time.process_time()
+    point = asyncio.run(_load(port, path, bodies, per, warmup, duration, client))
+    load_cpu = time.process_time() - own0
     after, cpu1 = scrape(port), cpu_seconds(server.pid)
     calls = after["kronlink_link_batch_size_count"] - before.get(
         "kronlink_link_batch_size_count", 0
@@ -324,6 +303,7 @@ def service_point(
     point.batch = queries / max(calls, 1)
     point.model_ms = model_s / max(calls, 1) * 1000
     point.cpu_ms = (cpu1 - cpu0) / max(queries, 1) * 1000  # warm-up included on both sides
+    point.client_cpu_ms = load_cpu / max(queries, 1) * 1000
     return point
 
 
@@ -392,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch-items", type=int, default=64, help="queries a /v1/link/batch request")
     p.add_argument("--no-batch-route", action="store_true", help="measure /v1/link only")
+    p.add_argument("--client", choices=["httpx", "raw"], default="httpx", help="load clients")
     p.add_argument("--workers", type=int, default=1, help="server processes")
     p.add_argument(
         "--threads",
@@ -432,7 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for c in levels:
                 svc = service_point(
-                    server, port, c, args.duration, args.warmup, args.candidates, bm25=bm25
+                    server,
+                    port,
+                    c,
+                    args.duration,
+                    args.warmup,
+                    args.candidates,
+                    bm25=bm25,
+                    client=args.client,
                 )
                 ref = in_process(data, c, args.duration, args.candidates, bm25)
                 rows.append(("/v1/link", c, 1, svc, ref))
@@ -445,7 +433,15 @@ def main(argv: list[str] | None = None) -> int:
             b = args.batch_items
             for c in [] if args.no_batch_route else sorted({1, min(levels[-1], 2)}):
                 svc = service_point(
-                    server, port, c, args.duration, args.warmup, args.candidates, b, bm25
+                    server,
+                    port,
+                    c,
+                    args.duration,
+                    args.warmup,
+                    args.candidates,
+                    b,
+                    bm25,
+                    args.client,
                 )
                 ref = in_process(data, b, args.duration, args.candidates, bm25)
                 rows.append(("/v1/link/batch", c, b, svc, ref))
@@ -467,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "candidates_from": args.candidates_from,
         "workers": args.workers,
+        "client": args.client,
         "threads": args.threads,
         "duration_s": args.duration,
         "machine": {

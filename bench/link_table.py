@@ -51,6 +51,7 @@ def render(records: list[dict[str, Any]]) -> str:
         out.append(
             f"**{rec['model']}**, candidates: {rec['candidates']} from "
             f"{rec['candidates_from']}; {rec['workers']} server process(es), "
+            f"{rec.get('client', 'httpx')} clients, "
             f"{rec['threads']} torch thread(s); {rec['duration_s']:g} s a point; "
             f"{m['cpus']} CPUs, torch {m['torch']}; load average {lb[0]:.1f} before, "
             f"{la[0]:.1f} after (1 min)\n"
@@ -58,9 +59,12 @@ def render(records: list[dict[str, Any]]) -> str:
         out.append(
             "| route | clients | queries/request | service q/s | p50 ms | p99 ms | 429s "
             "| in-process q/s (batch) | p50 ms | p99 ms | service / in-process "
-            "| queries per model call | model call ms | CPU ms/query: service | in-process |"
+            "| queries per model call | model call ms | CPU ms/query: service | in-process "
+            "| client |"
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )
         for row in rec["rows"]:
             s, i = row["service"], row["in_process"]
             c, per = row["clients"], row["per_request"]
@@ -69,7 +73,8 @@ def render(records: list[dict[str, Any]]) -> str:
                 f"| {row['route']} | {c} | {per} | {s['qps']:.1f} | {s['p50_ms']:.1f} "
                 f"| {s['p99_ms']:.1f} | {s.get('rejected', 0)} | {i['qps']:.1f} ({batch}) "
                 f"| {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {s['qps'] / i['qps']:.0%} "
-                f"| {s['batch']:.1f} | {s['model_ms']:.1f} | {s['cpu_ms']:.2f} | {i['cpu_ms']:.2f} |"
+                f"| {s['batch']:.1f} | {s['model_ms']:.1f} | {s['cpu_ms']:.2f} | {i['cpu_ms']:.2f} "
+                f"| {s.get('client_cpu_ms', 0):.2f} |"
             )
         out.append("")
     return "\n".join(out)
