@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(default=64, ge=1)
     batch_max_wait_ms: float = Field(default=2.0, ge=0)
     batch_queue_max: int = Field(default=2048, ge=1)  # queries waiting; beyond: 429
+    # ...and a bound in time: a request is refused at once (429, Retry-After)
+    # when the queries already waiting would take longer than this to clear at
+    # the model's measured rate (a lone request is always queued). A query
+    # accepted waits at most about this long plus the batch running when it came.
+    batch_queue_max_ms: float = Field(default=1000.0, gt=0)
     model_poll_s: float = Field(default=1.0, gt=0)  # how often replicas look for a new version
     model_retry_s: float = Field(default=30.0, gt=0)  # a version that failed to load, again after
     # Limits on what a caller sends (each breach is a 4xx problem, never a 500)

@@ -13,6 +13,15 @@ concurrent); after a lone request it runs the next one at once, so an idle
 service adds no delay (LESSONS.md: a wait for a batch that never fills is
 the common batching mistake).
 
+Admission: a request is refused at once (429 with Retry-After) when the
+queue holds ``queue_max`` queries, or when the queries already waiting would
+take more than ``queue_max_s`` to clear at the model's measured rate (a
+moving average of seconds per query over recent model calls). The second
+bound is what keeps latency bounded under overload: without it a slow model
+(the transformer on a CPU) let 64 clients queue seconds of work, and every
+request's latency grew with the number of clients. A lone request is always
+queued, so a model slower than the bound still answers one at a time.
+
 The model reference is taken once per batch: a swap during a batch changes
 the next batch, not this one. A batch that raises is re-run request by
 request, so one bad request cannot fail its neighbours.
@@ -23,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -127,6 +137,7 @@ class MicroBatcher:
         max_size: int,
         max_wait_s: float,
         queue_max: int,
+        queue_max_s: float = float("inf"),
     ) -> None:
         self.holder = holder
         self._executor = executor
@@ -134,6 +145,8 @@ class MicroBatcher:
         self._max_size = max_size
         self._max_wait_s = max_wait_s
         self._queue_max = queue_max
+        self._queue_max_s = queue_max_s
+        self._per_query_s: float | None = None  # moving average over model calls
         self._works: deque[_Work] = deque()
         self._arrived = asyncio.Event()
         self._waiting = 0  # queries queued, not yet taken into a batch
@@ -161,12 +174,28 @@ class MicroBatcher:
                 f"{self._waiting} queries are waiting (limit {self._queue_max}); retry shortly",
                 headers={"Retry-After": "1"},
             )
+        wait_s = self.expected_wait_s(len(items))
+        if self._waiting and wait_s > self._queue_max_s:
+            self._metrics.rejected.labels(self._label).inc(len(items))
+            raise ProblemError(
+                429,
+                "too-many-requests",
+                f"{self._waiting} queries are waiting, about {wait_s * 1000:.0f} ms of model "
+                f"time (limit {self._queue_max_s * 1000:.0f} ms); retry after Retry-After",
+                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            )
         work = _Work(items, asyncio.get_running_loop().create_future())
         self._works.append(work)
         self._waiting += len(items)
         self._metrics.queue_depth.labels(self._label).set(self._waiting)
         self._arrived.set()
         return await work.future
+
+    def expected_wait_s(self, extra: int = 0) -> float:
+        """Model time the waiting queries (and ``extra`` more) need, at the measured rate."""
+        if self._per_query_s is None:
+            return 0.0  # no model call measured yet: only the count bound applies
+        return (self._waiting + extra) * self._per_query_s
 
     # -- the loop ------------------------------------------------------------
     def start(self) -> None:
@@ -260,8 +289,13 @@ class MicroBatcher:
             for w in batch:
                 await self._run(loop, [w], len(w.items))
             return
+        seconds = time.perf_counter() - t0
         self._metrics.batch_size.labels(self._label).observe(n)
-        self._metrics.batch_seconds.labels(self._label).observe(time.perf_counter() - t0)
+        self._metrics.batch_seconds.labels(self._label).observe(seconds)
+        per_query = seconds / max(n, 1)
+        prev = self._per_query_s
+        # a moving average: one slow call (a swap's first batch) does not close the door
+        self._per_query_s = per_query if prev is None else 0.7 * prev + 0.3 * per_query
         start = 0
         for w in batch:
             part = ranked[start : start + len(w.items)]

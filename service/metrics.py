@@ -1,11 +1,21 @@
 """Prometheus metrics of one app, in a registry of its own (several apps in
-one process, as in the tests, do not collide)."""
+one process, as in the tests, do not collide).
+
+``kronlink serve --workers N`` sets ``PROMETHEUS_MULTIPROC_DIR``: every
+process then writes its values to files there, and :func:`exposition`
+(``/metrics``) sums all processes' files, so a scrape counts every request
+whichever process answers it. Gauges say how processes combine
+(``multiprocess_mode``; ignored in one process).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+__all__ = ["Metrics", "exposition", "forget_process"]
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -62,6 +72,7 @@ class Metrics:
             "kronlink_link_queue_queries",
             "Queries waiting for a model call",
             ["lineage"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.rejected = Counter(
@@ -74,12 +85,14 @@ class Metrics:
             "kronlink_model_version",
             "Number of the version this replica serves (0: none loaded)",
             ["lineage"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.active_version_id = Gauge(
             "kronlink_model_version_id",
             "Registry id of the version this replica serves (0: none loaded)",
             ["lineage"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.swaps = Counter(
@@ -98,11 +111,35 @@ class Metrics:
             registry=r,
         )
         self.jobs = Gauge(
-            "kronlink_jobs", "Jobs in the registry by state (at scrape time)", ["state"], registry=r
+            "kronlink_jobs",
+            "Jobs in the registry by state (at scrape time)",
+            ["state"],
+            multiprocess_mode="mostrecent",
+            registry=r,
         )
         self.in_progress = Gauge(
             "kronlink_http_requests_in_progress",
             "Requests received and not yet answered, by path (the API's own paths; others: other)",
             ["path"],
+            multiprocess_mode="livesum",
             registry=r,
         )
+
+
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """The Prometheus text for ``/metrics``: all server processes' sum when several."""
+    if not _multiprocess():
+        return generate_latest(metrics.registry)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def forget_process() -> None:
+    """At shutdown: this process's live gauges leave the sums."""
+    if _multiprocess():
+        mark_process_dead(os.getpid())

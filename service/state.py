@@ -25,7 +25,7 @@ from kronlink.registry import ArtifactStore, create_engine_from_url, make_sessio
 from kronlink.settings import Settings
 from service.batching import MicroBatcher
 from service.holder import ModelHolder
-from service.metrics import Metrics
+from service.metrics import Metrics, forget_process
 from service.ontologies import OntologyIndexes
 from service.replicas import ReplicaReporter
 from service.uploads import sweep_uploads
@@ -117,6 +117,7 @@ class ServiceState:
                 max_size=s.batch_max_size,
                 max_wait_s=s.batch_max_wait_ms / 1000,
                 queue_max=s.batch_queue_max,
+                queue_max_s=s.batch_queue_max_ms / 1000,
             )
             batcher.start()
             self.batchers[lineage] = batcher
@@ -149,6 +150,7 @@ class ServiceState:
             self._producer.close()
         if self.engine is not None:
             self.engine.dispose()
+        forget_process()
 
     # -- model watching --------------------------------------------------------
     def nudge(self) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Any
 
 
 def _ensure_admin_token() -> None:
@@ -63,12 +66,28 @@ def run_serve(args: argparse.Namespace) -> int:
         f"database {where['database']}; artifacts {where['artifacts']})",
         file=sys.stderr,
     )
+    prom_dir = None
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several processes: each writes its metrics to files here and /metrics,
+        # whichever process answers, sums them all (service/metrics.py). Set before
+        # the workers start, as prometheus_client reads it at import.
+        prom_dir = tempfile.mkdtemp(prefix="kronlink-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
+    try:
+        _run_uvicorn(uvicorn, host, port, args.workers)
+    finally:
+        if prom_dir is not None:
+            shutil.rmtree(prom_dir, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(uvicorn: Any, host: str, port: int, workers: int) -> None:
     uvicorn.run(
         "service.app:app_from_env",
         factory=True,
         host=host,
         port=port,
-        workers=args.workers,
+        workers=workers,
         # header-size limit, body timeout, problem JSON for unparseable requests
         http="service.server:HttpProtocol",
         log_config=None,  # the app configures logging (JSON, with request ids)
@@ -76,7 +95,6 @@ def run_serve(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    return 0
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:

@@ -6,12 +6,13 @@ import asyncio
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 
 from kronlink.registry import JobState
 from kronlink.registry.models import Job
 from service.deps import StateDep
+from service.metrics import exposition
 from service.schemas import HealthOut, ReadyCheck, ReadyOut, VersionRef
 from service.state import ServiceState
 
@@ -88,4 +89,4 @@ async def metrics(state: StateDep) -> Response:
         counts = {}
     for name, n in counts.items():
         state.metrics.jobs.labels(name).set(n)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(state.metrics), media_type=CONTENT_TYPE_LATEST)
