@@ -26,6 +26,8 @@ _COLORS = {
     "ewc": "#1f77b4",
     "kfc": "#d62728",
     "ekfac": "#ff7f0e",
+    "kfc-expand": "#e377c2",
+    "ekfac-expand": "#bcbd22",
     "lrc": "#2ca02c",
     "replay": "#9467bd",
 }

@@ -73,18 +73,18 @@ def test_smoke_command_writes_records_resumes_and_reports(inputs: Path, tmp_path
     first = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     dry = (out / "dry_run.md").read_text()
-    assert "| tier 2 (every ordering, method, λ) | 6 |" in dry and "**total**" in dry
+    assert "| tier 2 (every ordering, method, λ) | 8 |" in dry and "**total**" in dry
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] and summary["ran"] == 3 + 6  # training runs: tier 1, tier 2
+    assert summary["complete"] and summary["ran"] == 3 + 8  # training runs: tier 1, tier 2
     recs = list((out / "results" / "runs" / "tier2").glob("*.json"))
-    assert len(recs) == 6
+    assert len(recs) == 8  # 2 orderings x (none, ewc, kfc-expand, kfc)
     for path in recs:
         m = json.loads(path.read_text())["metrics"]
         assert all(len(v["test_ranks"]) == v["n_test"] == 6 for v in m.values())
     assert not (out / "results" / "models").exists()  # weights stay in the scratch folder
     assert len(list((out / "results" / "runs" / "state").glob("*.json"))) == 2
     report = (out / "report.md").read_text()
-    assert "ewc − kfc (primary)" in report and "seeds and queries" in report
+    assert "ewc − kfc-expand (primary)" in report and "seeds and queries" in report
     again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["ran"] == 0
@@ -95,7 +95,7 @@ def test_smoke_command_writes_records_resumes_and_reports(inputs: Path, tmp_path
 
 def test_deadline_starts_no_run_that_would_not_fit(inputs: Path, tmp_path: Path) -> None:
     cfg = instantiate(inputs, tmp_path / "out", smoke=True, device="cpu")
-    assert [p.runs for p in plan(cfg)] == [3, 2, 6]
+    assert [p.runs for p in plan(cfg)] == [3, 2, 8]
     res = run_experiment(cfg, max_seconds=60, guess_seconds={"tier1": 61})
     assert res.ran == 0 and not res.complete
     assert not (tmp_path / "out" / "results" / "runs").exists()
