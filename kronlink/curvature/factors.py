@@ -147,8 +147,10 @@ def split_sums(x: Tensor, g: Tensor, example: Tensor, n_examples: int) -> dict[s
     ``Σ x̄ x̄ᵀ`` afterwards would cancel badly in float32 when the mean
     dominates (a scoring head's inputs)."""
     counts = torch.bincount(example, minlength=n_examples).to(x.dtype)
-    sx = per_example_rows(x, example, n_examples)
-    sg = per_example_rows(g, example, n_examples)
+    # Per-query sums as one matrix product with the (P, B) one-hot: on CPU
+    # ``index_add_`` over many positions cost more than Σ x̄ x̄ᵀ itself.
+    onehot = F.one_hot(example, n_examples).to(x.dtype)
+    sx, sg = onehot.T @ x, onehot.T @ g
     t = counts.clamp_min(1)[:, None]
     m, h = sx / t, sg / t
     d, e = x - m[example], g - h[example]
