@@ -23,7 +23,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from kronlink.data.io import ONTOLOGY_FILE
+from kronlink.data.io import ONTOLOGY_FILE, write_ontology
+from kronlink.data.splits import without_query_strings
 from kronlink.registry import (
     ArtifactInfo,
     JobState,
@@ -200,9 +201,12 @@ class UpdateSteps:
                 self.scratch / "out-state.safetensors",
             )
             if self.new_ontology:  # kept for the service's candidate generation
-                self.onto_art = self.put(
-                    f"ontologies/{self.ontology_name}/{self.attempt}", run.staged / ONTOLOGY_FILE
-                )
+                # The ontology outlives the job's data: it is stored without any
+                # string the task uses as a query (an upload may list its
+                # mentions as synonyms too), never as uploaded.
+                path = self.scratch / ONTOLOGY_FILE
+                write_ontology(path, without_query_strings(self.task.concepts, self.task.queries))
+                self.onto_art = self.put(f"ontologies/{self.ontology_name}/{self.attempt}", path)
             self.write_extra_artifacts()
 
     def write_extra_artifacts(self) -> None:
