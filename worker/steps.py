@@ -68,6 +68,7 @@ class UpdateSteps:
     priors: list[Any] = field(default_factory=list)
     method: str = "none"
     new_ontology: bool = False  # its concepts file is stored with this version
+    retriever: Any = None  # kronlink.retrieval.Retriever, when this job built one
     # update
     request: Any = None  # kronlink.update.UpdateRequest
     result: Any = None  # kronlink.update.UpdateResult
@@ -106,6 +107,44 @@ class UpdateSteps:
                     JobState.FAILED, f"unknown train option(s): {', '.join(sorted(unknown))}"
                 )
             self.train = TrainConfig(**spec.train)
+            if any(q.candidates is None for q in self.task.queries):
+                self.task = self.with_candidates(self.task)
+
+    def with_candidates(self, task: Any) -> Any:
+        """The task with candidates from the service's retriever wherever a query
+        has none (docs/data.md): the top ``bm25_candidates`` over the ontology as
+        it will be stored (no query string in it), gold inserted for train and
+        unsplit queries as training needs, kept as retrieved for dev and test."""
+        from dataclasses import replace
+
+        from kronlink.data.candidates import attach_candidates
+        from kronlink.data.splits import without_query_strings
+        from kronlink.retrieval import retriever_for
+
+        settings = self.run.ctx.settings
+        concepts = without_query_strings(task.concepts, task.queries)
+        self.retriever = retriever_for(concepts, settings)
+        by_id = {c.id: c for c in concepts}
+        queries = list(task.queries)
+        for insert in (True, False):
+            idx = [
+                i
+                for i, q in enumerate(queries)
+                if q.candidates is None and (q.split in (None, "train")) == insert
+            ]
+            if idx:
+                done = attach_candidates(
+                    [queries[i] for i in idx],
+                    self.retriever,
+                    by_id,
+                    settings.bm25_candidates,
+                    insert_gold=insert,
+                    seed=self.train.seed,
+                )
+                for i, q in zip(idx, done, strict=True):
+                    queries[i] = q
+        log.info("job %s: generated candidates for queries without", self.run.job.id)
+        return replace(task, queries=tuple(queries))
 
     # -- load --------------------------------------------------------------------
     def load(self) -> None:
@@ -204,8 +243,20 @@ class UpdateSteps:
                 # The ontology outlives the job's data: it is stored without any
                 # string the task uses as a query (an upload may list its
                 # mentions as synonyms too), never as uploaded.
-                path = self.scratch / ONTOLOGY_FILE
-                write_ontology(path, without_query_strings(self.task.concepts, self.task.queries))
+                # In fused mode the dense index is built now, at registration,
+                # and stored beside the concepts (it records its encoder).
+                concepts = without_query_strings(self.task.concepts, self.task.queries)
+                path = self.scratch / "ontology"
+                path.mkdir(exist_ok=True)
+                write_ontology(path / ONTOLOGY_FILE, concepts)
+                if run.ctx.settings.retriever_mode == "fused":
+                    from kronlink.retrieval import retriever_for
+
+                    if self.retriever is None or self.retriever.dense is None:
+                        self.retriever = retriever_for(concepts, run.ctx.settings)
+                    self.retriever.dense.save(path)
+                else:  # a single file, as before: nothing else to keep
+                    path = path / ONTOLOGY_FILE
                 self.onto_art = self.put(f"ontologies/{self.ontology_name}/{self.attempt}", path)
             self.write_extra_artifacts()
 
