@@ -12,7 +12,8 @@ Order of a result list:
    in ``mode="fused"``, weighted reciprocal-rank fusion of BM25's and the
    dense index's top ``depth``:
    ``score(c) = w_dense / (rrf_k + rank_dense(c)) + w_bm25 / (rrf_k + rank_bm25(c))``
-   with ranks from 1 and a list that misses ``c`` contributing 0. Plain RRF
+   with ranks from 1 and a list that misses ``c`` contributing 0 (BM25
+   hits of score 0, its filler for mentions sharing no token, count as missing). Plain RRF
    (k = 60, equal weights) was measured below dense alone on names-only
    indexes (issue 12), hence the weights are settings.
 
@@ -117,7 +118,9 @@ class Retriever:
         taken: set[str],
     ) -> list[tuple[str, float]]:
         fused: dict[str, float] = defaultdict(float)
-        for r, (cid, _) in enumerate(bm25_ranked, 1):
+        for r, (cid, score) in enumerate(bm25_ranked, 1):
+            if score <= 0:  # BM25's filler (no shared token) is no evidence
+                break
             fused[cid] += self.w_bm25 / (self.rrf_k + r)
         depth = min(depth, len(dense_row))
         top = np.argpartition(-dense_row, depth - 1)[:depth]
