@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     fusion_w_bm25: float = Field(default=0.25, ge=0)
     fusion_rrf_k: float = Field(default=10.0, gt=0)
     fusion_depth: int = Field(default=100, ge=1)  # each list's top read into the fusion
+    # The update job's gate also refuses a version whose dev top-1 is below the
+    # retriever's own dev top-1 (issue 12, item 3). Off by default: the demo's
+    # reduced version 1 is below BM25 today, and turning it on would refuse it.
+    retriever_gate: bool = False
     ontologies_cached: int = Field(default=4, ge=1)  # BM25 indexes kept in memory
     log_format: Literal["json", "text"] = "json"
 

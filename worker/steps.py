@@ -196,6 +196,7 @@ class UpdateSteps:
             half_decades=spec.half_decades,
             train=self.train,
             quality_gate=spec.quality_gate,
+            retriever_dev_top1=self.retriever_dev_top1(),
         )
         update = run.ctx.update_fn or run_update
         t0 = time.perf_counter()
@@ -214,6 +215,22 @@ class UpdateSteps:
             raise Ending(JobState.FAILED, "the update stopped without a result")
         run.check()  # a cancel that arrived after the last step still counts
         self.result = result
+
+    def retriever_dev_top1(self) -> float | None:
+        """The retriever's top-1 on the task's dev split, when the
+        ``retriever_gate`` setting asks the gate to compare with it."""
+        settings = self.run.ctx.settings
+        dev = self.task.split("dev")
+        if not settings.retriever_gate or not dev:
+            return None
+        if self.retriever is None:
+            from kronlink.data.splits import without_query_strings
+            from kronlink.retrieval import retriever_for
+
+            concepts = without_query_strings(self.task.concepts, self.task.queries)
+            self.retriever = retriever_for(concepts, settings)
+        hits = self.retriever.search([q.mention for q in dev], 1)
+        return sum(h[0][0] == q.gold for h, q in zip(hits, dev, strict=True)) / len(dev)
 
     # -- write -------------------------------------------------------------------
     def put(self, key: str, path: Path) -> ArtifactInfo:
@@ -288,7 +305,7 @@ class UpdateSteps:
     def commit(self, s: Session) -> Ending | None:
         """In the commit transaction: the version, its task states, activation if
         the gate passed. Returns the job's ending when it is not a success."""
-        run, spec, job = self.run, self.run.spec, self.run.job
+        run, job = self.run, self.run.job
         parent_id = self.parent.id if self.parent is not None else None
         now_active = active_version(s, job.lineage)
         if (now_active.id if now_active else None) != parent_id:
@@ -317,10 +334,7 @@ class UpdateSteps:
             activate_version(s, v.id, actor=run.ctx.owner, reason=f"job {job.id}")
             run.activated = v.id
             return None
-        test = self.result.summary()["test"]
-        error = (
-            f"quality gate failed: test accuracy {test and test['accuracy']} < {spec.quality_gate}"
-        )
+        error = f"quality gate failed: {self.result.gate_message}"
         mark_version_failed(s, v.id, error=error, actor=run.ctx.owner)
         return Ending(JobState.FAILED, f"{error}; version {v.number} kept as failed")
 

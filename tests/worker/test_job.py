@@ -323,3 +323,32 @@ def test_queries_without_candidates_get_the_services_retriever_candidates(
     )
     assert hits[0][0][0] == "asthma" and hits[1][0] == ("gout", float("inf"))  # exact name first
     assert len(hits[0]) == min(settings.bm25_candidates, len(concepts))
+
+
+def test_gate_refuses_a_version_below_its_retrievers_dev_top1(
+    ctx: JobContext, settings: Settings
+) -> None:
+    """With ``retriever_gate`` the job compares the model's dev top-1 with the
+    retriever's on the same split. The synthetic mentions ("<name> noted") give
+    BM25 a dev top-1 of 1.0; one tiny epoch does not reach it, so the version is
+    kept as failed and not activated, and the message says why (issue 12, item 3)."""
+    from dataclasses import replace
+
+    from kronlink.data.splits import without_query_strings
+    from kronlink.retrieval import retriever_for
+
+    ctx = replace(ctx, settings=settings.model_copy(update={"retriever_gate": True}))
+    task = make_task("gated", 7)
+    dev = task.split("dev")
+    r = retriever_for(without_query_strings(task.concepts, task.queries), settings)
+    hits = r.search([q.mention for q in dev], 1)
+    assert all(h[0][0] == q.gold for h, q in zip(hits, dev, strict=True))
+    job_id = submit(ctx, "gated", stage(settings, task), method="none")
+    assert run_job(ctx, job_id) == Outcome.FAILED
+    with ctx.factory.begin() as s:
+        job, versions = get_job(s, job_id), list_versions(s, "main")
+        active = active_version(s, "main")
+    assert active is None and len(versions) == 1
+    dev_acc = versions[0].metrics["dev"]["accuracy"]
+    assert dev_acc < 1.0
+    assert f"dev top-1 {dev_acc:.4f} is below the retriever's own dev top-1 1.0000" in job.error
