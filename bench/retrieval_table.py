@@ -89,6 +89,45 @@ def measure(name: str, cache: Path, settings: dict) -> dict:
         )
         hits = r.search(mentions, 100, query_vectors=qv)
         out[label] = _recall([[c for c, _ in h] for h in hits], golds)
+    out["clinical"] = clinical(name, concepts, dense, bm25, encoder, settings)
+    return out
+
+
+def clinical(name, concepts, dense, bm25, encoder, settings) -> dict:
+    """Top-1 and recall@10 on tests/clinical_mentions.py (accepted codes)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from clinical_mentions import LISTS, accepted
+
+    from kronlink.retrieval import Retriever
+
+    items = LISTS[name]
+    mentions = list(items)
+    qv = encoder.encode(mentions)
+    out = {"n": len(items)}
+    for label, mode in (("bm25", "bm25"), ("fused", "fused")):
+        r = Retriever(
+            concepts,
+            mode=mode,
+            dense=dense,
+            encoder=encoder,
+            bm25=bm25,
+            w_dense=settings["w_dense"],
+            w_bm25=settings["w_bm25"],
+            rrf_k=settings["rrf_k"],
+            depth=settings["depth"],
+        )
+        hits = r.search(mentions, 10, query_vectors=qv)
+        out[label] = {
+            "top1": sum(accepted(h[0][0], items[m]) for m, h in zip(mentions, hits, strict=True)),
+            "recall10": sum(
+                any(accepted(c, items[m]) for c, _ in h)
+                for m, h in zip(mentions, hits, strict=True)
+            ),
+        }
+    top = dense.concept_scores(qv).argmax(1)
+    out["dense_zero_shot"] = {
+        "top1": sum(accepted(dense.ids[i], items[m]) for m, i in zip(mentions, top, strict=True))
+    }
     return out
 
 
@@ -108,6 +147,20 @@ def table(record: dict) -> str:
             r = res[key]
             rows.append(
                 f"| {task} | {label} | " + " | ".join(f"{r[str(k)]:.3f}" for k in KS) + " |"
+            )
+    rows += [
+        "",
+        "Clinical list (tests/clinical_mentions.py), right answers out of n:",
+        "",
+        "| task | n | BM25 top-1 | dense top-1 | fused top-1 | BM25 recall@10 | fused recall@10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, res in record["tasks"].items():
+        c = res.get("clinical")
+        if c:
+            rows.append(
+                f"| {task} | {c['n']} | {c['bm25']['top1']} | {c['dense_zero_shot']['top1']} | "
+                f"{c['fused']['top1']} | {c['bm25']['recall10']} | {c['fused']['recall10']} |"
             )
     return "\n".join(rows)
 
