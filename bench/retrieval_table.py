@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.tasks:
         record["tasks"][name] = measure(name, a.cache, settings)
         print(name, json.dumps(record["tasks"][name]), flush=True)
-    record["loadavg_after"] = os.getloadavg()
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(record, indent=2) + "\n")
+        # written after each task: ICD-10-CM's encoding takes long on a shared machine
+        record["loadavg_after"] = os.getloadavg()
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(record, indent=2) + "\n")
     print(table(record))
     return 0
 
