@@ -86,7 +86,19 @@ class Settings(BaseSettings):
     max_context_chars: int = Field(default=2000, ge=0)  # each of left and right context
     max_candidates: int = Field(default=200, ge=1)  # candidates given in one query
     max_batch_items: int = Field(default=256, ge=1)  # queries in one /v1/link/batch
-    bm25_candidates: int = Field(default=10, ge=1)  # generated when none are given
+    bm25_candidates: int = Field(default=10, ge=1)  # generated when none are given (any mode)
+    # The retriever (kronlink/retrieval): "bm25", or BM25 and the dense MiniLM
+    # index fused by weighted reciprocal rank; exact-name matches come first in
+    # both. Weights and k from dev grids (issue 12); "bm25" stays for bench/link.py.
+    retriever_mode: Literal["bm25", "fused"] = "bm25"
+    fusion_w_dense: float = Field(default=1.0, ge=0)
+    fusion_w_bm25: float = Field(default=0.25, ge=0)
+    fusion_rrf_k: float = Field(default=10.0, gt=0)
+    fusion_depth: int = Field(default=100, ge=1)  # each list's top read into the fusion
+    # The update job's gate also refuses a version whose dev top-1 is below the
+    # retriever's own dev top-1 (issue 12, item 3). Off by default: the demo's
+    # reduced version 1 is below BM25 today, and turning it on would refuse it.
+    retriever_gate: bool = False
     ontologies_cached: int = Field(default=4, ge=1)  # BM25 indexes kept in memory
     log_format: Literal["json", "text"] = "json"
 

@@ -1,9 +1,11 @@
-"""BM25 candidate generation from registered ontologies, for requests without candidates.
+"""Candidate generation from registered ontologies, for requests without candidates.
 
 An ontology's concepts file is an artifact (stored by the job that first
-registered it); its index is built on first use, off the event loop, and
-kept for the next requests (the ``ontologies_cached`` most recently used).
-Ontologies are immutable once registered, so a cached index never goes stale.
+registered it; a folder that also holds the dense index when the worker ran
+in fused mode); its retriever (kronlink.retrieval, the same one training
+and evaluation use) is built on first use, off the event loop, and kept for
+the next requests (the ``ontologies_cached`` most recently used). Ontologies
+are immutable once registered, so a cached index never goes stale.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from kronlink.data.candidates import CandidateIndex
 from kronlink.data.io import ONTOLOGY_FILE, read_ontology
 from kronlink.data.schema import Candidate, Concept
 from kronlink.registry import ArtifactStore, NotFoundError, OntologyInfo, get_ontology
 from kronlink.registry.models import Ontology
+from kronlink.retrieval import Retriever, retriever_for
 from service.problems import FieldError, ProblemError
 
 __all__ = ["OntologyIndex", "OntologyIndexes"]
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class OntologyIndex:
     info: OntologyInfo
-    index: CandidateIndex
+    index: Retriever
     concepts: dict[str, Concept]
 
     def candidates(self, mentions: Sequence[str], k: int) -> list[tuple[Candidate, ...]]:
@@ -48,8 +50,14 @@ class OntologyIndex:
 
 class OntologyIndexes:
     def __init__(
-        self, factory: sessionmaker[Session], store: ArtifactStore, *, capacity: int
+        self,
+        factory: sessionmaker[Session],
+        store: ArtifactStore,
+        *,
+        capacity: int,
+        settings: object = None,
     ) -> None:
+        self._settings = settings  # retriever mode and fusion (kronlink.settings)
         self._factory = factory
         self._store = store
         self._capacity = capacity
@@ -97,10 +105,10 @@ class OntologyIndexes:
         try:
             art = info.artifact
             path = self._store.get(self._store.key_of(art.uri), art.sha256, scratch / "o")
-            if path.is_dir():
-                path = path / ONTOLOGY_FILE
-            concepts = read_ontology(path)
+            folder = path if path.is_dir() else None
+            concepts = read_ontology(path / ONTOLOGY_FILE if folder else path)
+            retriever = retriever_for(concepts, self._settings, folder=folder)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        log.info("ontology %s: BM25 index over %d concepts", name, len(concepts))
-        return OntologyIndex(info, CandidateIndex(concepts), {c.id: c for c in concepts})
+        log.info("ontology %s: %s retriever over %d concepts", name, retriever.mode, len(concepts))
+        return OntologyIndex(info, retriever, {c.id: c for c in concepts})

@@ -99,7 +99,9 @@ class ServiceState:
             initializer=_set_torch_threads,
             initargs=(s.torch_threads,),
         )
-        self.ontologies = OntologyIndexes(self.factory, self.store, capacity=s.ontologies_cached)
+        self.ontologies = OntologyIndexes(
+            self.factory, self.store, capacity=s.ontologies_cached, settings=s
+        )
         for lineage in s.lineage_names:
             holder = ModelHolder(
                 lineage,

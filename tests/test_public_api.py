@@ -169,6 +169,14 @@ PUBLIC = {
         "upgrade",
         "version_key",
     ],
+    "kronlink.retrieval": [
+        "DenseIndex",
+        "Encoder",
+        "Mode",
+        "Retriever",
+        "encoder_version",
+        "retriever_for",
+    ],
     "kronlink.update": [
         "HALF_DECADE_GRID",
         "PAPER_GRID",

@@ -23,7 +23,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from kronlink.data.io import ONTOLOGY_FILE
+from kronlink.data.io import ONTOLOGY_FILE, write_ontology
+from kronlink.data.splits import without_query_strings
 from kronlink.registry import (
     ArtifactInfo,
     JobState,
@@ -67,6 +68,7 @@ class UpdateSteps:
     priors: list[Any] = field(default_factory=list)
     method: str = "none"
     new_ontology: bool = False  # its concepts file is stored with this version
+    retriever: Any = None  # kronlink.retrieval.Retriever, when this job built one
     # update
     request: Any = None  # kronlink.update.UpdateRequest
     result: Any = None  # kronlink.update.UpdateResult
@@ -105,6 +107,44 @@ class UpdateSteps:
                     JobState.FAILED, f"unknown train option(s): {', '.join(sorted(unknown))}"
                 )
             self.train = TrainConfig(**spec.train)
+            if any(q.candidates is None for q in self.task.queries):
+                self.task = self.with_candidates(self.task)
+
+    def with_candidates(self, task: Any) -> Any:
+        """The task with candidates from the service's retriever wherever a query
+        has none (docs/data.md): the top ``bm25_candidates`` over the ontology as
+        it will be stored (no query string in it), gold inserted for train and
+        unsplit queries as training needs, kept as retrieved for dev and test."""
+        from dataclasses import replace
+
+        from kronlink.data.candidates import attach_candidates
+        from kronlink.data.splits import without_query_strings
+        from kronlink.retrieval import retriever_for
+
+        settings = self.run.ctx.settings
+        concepts = without_query_strings(task.concepts, task.queries)
+        self.retriever = retriever_for(concepts, settings)
+        by_id = {c.id: c for c in concepts}
+        queries = list(task.queries)
+        for insert in (True, False):
+            idx = [
+                i
+                for i, q in enumerate(queries)
+                if q.candidates is None and (q.split in (None, "train")) == insert
+            ]
+            if idx:
+                done = attach_candidates(
+                    [queries[i] for i in idx],
+                    self.retriever,
+                    by_id,
+                    settings.bm25_candidates,
+                    insert_gold=insert,
+                    seed=self.train.seed,
+                )
+                for i, q in zip(idx, done, strict=True):
+                    queries[i] = q
+        log.info("job %s: generated candidates for queries without", self.run.job.id)
+        return replace(task, queries=tuple(queries))
 
     # -- load --------------------------------------------------------------------
     def load(self) -> None:
@@ -156,6 +196,7 @@ class UpdateSteps:
             half_decades=spec.half_decades,
             train=self.train,
             quality_gate=spec.quality_gate,
+            retriever_dev_top1=self.retriever_dev_top1(),
         )
         update = run.ctx.update_fn or run_update
         t0 = time.perf_counter()
@@ -174,6 +215,22 @@ class UpdateSteps:
             raise Ending(JobState.FAILED, "the update stopped without a result")
         run.check()  # a cancel that arrived after the last step still counts
         self.result = result
+
+    def retriever_dev_top1(self) -> float | None:
+        """The retriever's top-1 on the task's dev split, when the
+        ``retriever_gate`` setting asks the gate to compare with it."""
+        settings = self.run.ctx.settings
+        dev = self.task.split("dev")
+        if not settings.retriever_gate or not dev:
+            return None
+        if self.retriever is None:
+            from kronlink.data.splits import without_query_strings
+            from kronlink.retrieval import retriever_for
+
+            concepts = without_query_strings(self.task.concepts, self.task.queries)
+            self.retriever = retriever_for(concepts, settings)
+        hits = self.retriever.search([q.mention for q in dev], 1)
+        return sum(h[0][0] == q.gold for h, q in zip(hits, dev, strict=True)) / len(dev)
 
     # -- write -------------------------------------------------------------------
     def put(self, key: str, path: Path) -> ArtifactInfo:
@@ -200,9 +257,24 @@ class UpdateSteps:
                 self.scratch / "out-state.safetensors",
             )
             if self.new_ontology:  # kept for the service's candidate generation
-                self.onto_art = self.put(
-                    f"ontologies/{self.ontology_name}/{self.attempt}", run.staged / ONTOLOGY_FILE
-                )
+                # The ontology outlives the job's data: it is stored without any
+                # string the task uses as a query (an upload may list its
+                # mentions as synonyms too), never as uploaded.
+                # In fused mode the dense index is built now, at registration,
+                # and stored beside the concepts (it records its encoder).
+                concepts = without_query_strings(self.task.concepts, self.task.queries)
+                path = self.scratch / "ontology"
+                path.mkdir(exist_ok=True)
+                write_ontology(path / ONTOLOGY_FILE, concepts)
+                if run.ctx.settings.retriever_mode == "fused":
+                    from kronlink.retrieval import retriever_for
+
+                    if self.retriever is None or self.retriever.dense is None:
+                        self.retriever = retriever_for(concepts, run.ctx.settings)
+                    self.retriever.dense.save(path)
+                else:  # a single file, as before: nothing else to keep
+                    path = path / ONTOLOGY_FILE
+                self.onto_art = self.put(f"ontologies/{self.ontology_name}/{self.attempt}", path)
             self.write_extra_artifacts()
 
     def write_extra_artifacts(self) -> None:
@@ -233,7 +305,7 @@ class UpdateSteps:
     def commit(self, s: Session) -> Ending | None:
         """In the commit transaction: the version, its task states, activation if
         the gate passed. Returns the job's ending when it is not a success."""
-        run, spec, job = self.run, self.run.spec, self.run.job
+        run, job = self.run, self.run.job
         parent_id = self.parent.id if self.parent is not None else None
         now_active = active_version(s, job.lineage)
         if (now_active.id if now_active else None) != parent_id:
@@ -262,10 +334,7 @@ class UpdateSteps:
             activate_version(s, v.id, actor=run.ctx.owner, reason=f"job {job.id}")
             run.activated = v.id
             return None
-        test = self.result.summary()["test"]
-        error = (
-            f"quality gate failed: test accuracy {test and test['accuracy']} < {spec.quality_gate}"
-        )
+        error = f"quality gate failed: {self.result.gate_message}"
         mark_version_failed(s, v.id, error=error, actor=run.ctx.owner)
         return Ending(JobState.FAILED, f"{error}; version {v.number} kept as failed")
 

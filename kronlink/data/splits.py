@@ -35,6 +35,7 @@ __all__ = [
     "split_queries",
     "train_synonyms",
     "with_synonyms",
+    "without_query_strings",
 ]
 
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -200,3 +201,28 @@ def with_synonyms(
 ) -> list[Concept]:
     """Copies of ``concepts`` whose synonyms are exactly ``synonyms[id]`` (or none)."""
     return [replace(c, synonyms=tuple(synonyms.get(c.id, ()))) for c in concepts]
+
+
+def without_query_strings(concepts: Iterable[Concept], queries: Iterable[Query]) -> list[Concept]:
+    """Copies of ``concepts`` holding none of the queries' mentions.
+
+    What an ontology stores (and every index built from it searches) is the
+    ontology's own content: names, and its synonyms and definitions minus
+    every string used as a query in any split (issue 12, item 0). A synonym
+    equal to a mention after normalisation is dropped; a definition is split
+    at "; " (how the builders join notes) and parts equal to a mention are
+    dropped. Names stay: the filter already drops queries equal to a name.
+    What a task teaches lives in the weights, never in the stored ontology.
+    """
+    used = {normalize(q.mention) for q in queries}
+    used.discard("")
+    out: list[Concept] = []
+    for c in concepts:
+        synonyms = tuple(s for s in c.synonyms if normalize(s) not in used)
+        definition = c.definition or ""
+        if definition and any(normalize(p) in used for p in definition.split("; ")):
+            definition = "; ".join(p for p in definition.split("; ") if normalize(p) not in used)
+        if synonyms != c.synonyms or definition != (c.definition or ""):
+            c = replace(c, synonyms=synonyms, definition=definition)
+        out.append(c)
+    return out

@@ -145,6 +145,7 @@ class _Job:
             stopped=stopped,
             reused_selection_run=self.reused,
             train_result=self.train_result,
+            gate_message=getattr(self, "gate_message", ""),
         )
 
     @property
@@ -322,8 +323,19 @@ class _Job:
         dev = evaluate(self.model, self.splits["dev"], batch_size=size)
         forgetting = predicted_forgetting(self.model, self.priors) if self.priors else []
         gate = self.req.quality_gate
-        passed = gate is None or test.accuracy >= gate
-        verdict = "passed" if passed else f"FAILED (< {gate})"
+        failures = []
+        if gate is not None and test.accuracy < gate:
+            failures.append(f"test accuracy {test.accuracy:.4f} < {gate}")
+        floor = self.req.retriever_dev_top1
+        if floor is not None and dev.accuracy < floor:
+            failures.append(
+                f"dev top-1 {dev.accuracy:.4f} is below the retriever's own dev top-1 "
+                f"{floor:.4f} on the same split: serving this model would rank worse than "
+                "its candidates arrive; train longer or on more data"
+            )
+        passed = not failures
+        self.gate_message = "; ".join(failures)
+        verdict = "passed" if passed else f"FAILED ({self.gate_message})"
         self._emit(
             UpdateProgress(
                 "evaluate",

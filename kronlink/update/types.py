@@ -68,6 +68,10 @@ class UpdateRequest:
     state_dtype: str = "fp32"  # factors on disk: fp32 or bf16 (anchors keep full precision)
     eval_batch_size: int = 64  # dev evaluations during training and the final ones
     quality_gate: float | None = None  # minimum test accuracy; None: always passes
+    # The retriever's own top-1 on this task's dev split (the caller measures it
+    # with the retriever that made the candidates); a model below it is refused:
+    # ranking would make the answers worse than the candidates' order. None: no check.
+    retriever_dev_top1: float | None = None
 
     def __post_init__(self) -> None:
         if self.method == "replay":
@@ -212,6 +216,7 @@ class UpdateResult:
     stopped: bool = False
     reused_selection_run: bool = False  # final weights are the chosen "auto" run's
     train_result: TrainResult | None = None
+    gate_message: str = ""  # why the gate failed; "" when it passed
 
     @property
     def ok(self) -> bool:

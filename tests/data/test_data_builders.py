@@ -40,13 +40,57 @@ def test_builder_sanity(name, min_concepts):
 
 
 @pytest.mark.parametrize("name", ["icd10cm", "hpo"])
-def test_no_held_out_mention_in_ontology_synonyms(name):
+def test_no_query_string_in_the_ontology(name):
     task = built(name)
+    queries = {normalize(q.mention) for q in task.queries}
     synonyms = {normalize(s) for c in task.concepts for s in c.synonyms}
-    train = {normalize(q.mention) for q in task.split("train")}
-    held_out = {normalize(q.mention) for s in ("dev", "test") for q in task.split(s)}
-    assert synonyms == train
-    assert not synonyms & held_out
+    parts = {normalize(p) for c in task.concepts for p in (c.definition or "").split("; ")}
+    assert not synonyms & queries and not parts & queries
+    assert task.meta["synonyms"] == "source_minus_queries"
+
+
+HPO_WITH_CANARY = """format-version: 1.2
+
+[Term]
+id: HP:0000001
+name: All
+
+[Term]
+id: HP:0001250
+name: Seizure
+def: "A seizure is an intermittent abnormality of nervous system physiology." []
+synonym: "Epileptic seizure" EXACT []
+synonym: "Seizures {plant}" EXACT []
+synonym: "fits {plant}" RELATED []
+is_a: HP:0000001
+
+[Term]
+id: HP:0002315
+name: Headache
+synonym: "Cephalgia" EXACT []
+synonym: "head pain {plant}" EXACT []
+is_a: HP:0000001
+"""
+
+
+def test_a_canary_in_an_ontology_synonym_reaches_no_artifact_or_index(tmp_path):
+    """The mentions of HPO and ICD-10-CM *are* ontology synonyms: a string planted
+    in one must end up in queries.jsonl only, never in ontology.jsonl nor in the
+    BM25 index built from it (issue 12, item 0)."""
+    from kronlink.data.candidates import CandidateIndex
+    from kronlink.data.io import ONTOLOGY_FILE, read_ontology
+
+    plant = "zqxcanary" + "71f3"
+    obo = tmp_path / "hp.obo"
+    obo.write_text(HPO_WITH_CANARY.replace("{plant}", plant))
+    task = build_task("hpo", path=obo, k=2, split_rule="mention")
+    assert any(plant in q.mention for q in task.queries)
+    folder = save_task(task, tmp_path / "task")
+    assert plant.encode() not in (folder / ONTOLOGY_FILE).read_bytes()
+    assert plant.encode() in (folder / "queries.jsonl").read_bytes()
+    index = CandidateIndex(read_ontology(folder / ONTOLOGY_FILE))
+    assert index._bm25.get_tokens_ids([plant]) == []  # not in the index's vocabulary
+    assert not index.concept_scores(plant).any()
 
 
 def test_hpo_by_concept_and_determinism():

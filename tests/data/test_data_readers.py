@@ -15,6 +15,7 @@ from kronlink.data.readers import (
     read_mednorm_rows,
     read_pubtator,
 )
+from kronlink.data.splits import without_query_strings
 from kronlink.errors import DataFormatError
 
 PUBTATOR = FIXTURES / "medmentions_sample.pubtator"
@@ -46,8 +47,13 @@ def test_medmentions_task_with_context():
     assert all(q.gold_index() >= 0 for q in task.split("train"))
     # document split: all mentions of one document share a split
     assert len({q.split for q in task.queries if q.mention in ("DCTN4", "CF")}) == 1
-    # The ontology is the names file as given: no corpus mention is copied into it.
-    assert list(task.concepts) == read_concept_names(UMLS_NAMES)
+    # The ontology is the names file minus every string used as a query: no corpus
+    # mention is copied into it, and a listed synonym that is also a mention
+    # ("High blood pressure") is not stored (issue 12, item 0).
+    given = read_concept_names(UMLS_NAMES)
+    assert list(task.concepts) == without_query_strings(given, task.queries)
+    assert "High blood pressure" in next(c for c in given if c.id == "C0020538").synonyms
+    assert next(c for c in task.concepts if c.id == "C0020538").synonyms == ()
 
 
 def test_medmentions_official_split_files():
@@ -140,9 +146,9 @@ def test_mednorm_task():
     assert task.meta["filter"]["dropped_own_name"] == 1  # "nausea"
     assert len(task.queries) == 7
     assert all(len(q.candidates) == 3 for q in task.queries)
-    held_out = {normalize(q.mention) for s in ("dev", "test") for q in task.split(s)}
+    used = {normalize(q.mention) for q in task.queries}  # any split, train too
     synonyms = {normalize(s) for c in task.concepts for s in c.synonyms}
-    assert not synonyms & held_out
+    assert not synonyms & used
 
 
 def test_mednorm_errors(tmp_path):

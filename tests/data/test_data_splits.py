@@ -17,6 +17,7 @@ from kronlink.data.splits import (
     split_by_mention,
     split_queries,
     train_synonyms,
+    without_query_strings,
 )
 
 
@@ -100,27 +101,47 @@ def test_train_synonyms_hold_train_mentions_only():
 
 
 def _toy_task(rule: str, seed: int = 0):
+    # Like HPO: some of the source's own synonyms are also used as mentions.
     concepts = [
-        Concept(f"C{i}", f"condition number {i}", (f"given synonym {i}",)) for i in range(60)
+        Concept(
+            f"C{i}",
+            f"condition number {i}",
+            (f"given synonym {i}", f"surface {i} form 0"),
+            definition=f"scope of {i}; surface {i} form 1",
+        )
+        for i in range(60)
     ]
     mentions = [Query(f"surface {i} form {j}", f"C{i}") for i in range(60) for j in range(4)]
     return assemble_task("toy", concepts, mentions, seed=seed, split_rule=rule, k=5, meta={})
 
 
 @pytest.mark.parametrize("rule", ["mention", "concept"])
-def test_index_and_ontology_hold_train_mentions_only(rule):
+def test_index_and_ontology_hold_no_query_string(rule):
     task = _toy_task(rule)
-    train = {normalize(q.mention) for q in task.split("train")}
-    held_out = {normalize(q.mention) for s in ("dev", "test") for q in task.split(s)}
-    assert held_out and train
+    queries = {normalize(q.mention) for q in task.queries}
+    assert {q.split for q in task.queries} == {"train", "dev", "test"}
     synonyms = {normalize(s) for c in task.concepts for s in c.synonyms}
-    assert synonyms <= train  # the source's own synonyms are gone too
-    assert not synonyms & held_out
+    # The source's own synonyms stay, minus the ones used as queries (any split);
+    # no train mention is folded in any more (issue 12, item 0).
+    assert synonyms == {f"given synonym {i}" for i in range(60)}
+    assert all(c.definition == f"scope of {c.id[1:]}" for c in task.concepts)
+    assert not any(q in normalize(c.definition) for c in task.concepts for q in queries)
     assert all(q.gold_index() >= 0 for q in task.split("train"))
     assert all(len(q.candidates) == 5 for q in task.queries)
     if rule == "concept":
         train_golds = {q.gold for q in task.split("train")}
         assert not train_golds & {q.gold for q in task.split("test")}
+
+
+def test_without_query_strings_against_a_brute_force_scan():
+    concepts = [
+        Concept("C1", "Asthma", ("Bronchial asthma", "ASTHMA attack"), "wheeze; Asthma  attack"),
+        Concept("C2", "Gout", (), ""),
+    ]
+    queries = [Query("asthma attack", "C1", split="dev")]
+    out = without_query_strings(concepts, queries)
+    assert out[0] == Concept("C1", "Asthma", ("Bronchial asthma",), "wheeze")
+    assert out[1] is concepts[1]  # untouched concepts are not copied
 
 
 def test_assembled_task_is_deterministic():

@@ -29,7 +29,10 @@ TINY_TRAIN = {
 
 
 def make_task(name: str, seed: int, plant: str | None = None) -> Task:
-    """16 train, 8 dev, 8 test queries over 8 concepts; ``plant`` goes into every mention."""
+    """16 train, 8 dev, 8 test queries over 8 concepts; ``plant`` goes into every
+    mention, and into the ontology too: each concept lists "<name> <plant>" as a
+    synonym and in its definition, as a source whose mentions are its synonyms
+    (HPO, ICD-10-CM) would. The worker must store neither (issue 12, item 0)."""
     rng = random.Random(seed)
     queries = []
     for split, n in (("train", 16), ("dev", 8), ("test", 8)):
@@ -39,7 +42,14 @@ def make_task(name: str, seed: int, plant: str | None = None) -> Task:
             mention = f"{gold} {plant}" if plant else f"{gold} noted"
             cands = tuple(Candidate(c, c) for c in picked)
             queries.append(Query(mention, gold, "patient has", "today", cands, split))
-    return Task(name, tuple(Concept(n, n) for n in NAMES), tuple(queries))
+    if plant:
+        concepts = tuple(
+            Concept(n, n, synonyms=(f"{n} {plant}",), definition=f"a finding; {n} {plant}")
+            for n in NAMES
+        )
+    else:
+        concepts = tuple(Concept(n, n) for n in NAMES)
+    return Task(name, concepts, tuple(queries))
 
 
 def stage(settings: Settings, task: Task) -> str:

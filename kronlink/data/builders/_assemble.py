@@ -1,8 +1,8 @@
 """The steps every task builder shares once it has concepts and raw mentions.
 
-filter -> split -> the ontology's synonyms -> BM25 index over exactly that
-ontology -> candidates (gold inserted for train only) -> Task. Builders differ
-only in how they read their source.
+filter -> split -> the ontology minus every query string -> BM25 index over
+exactly that ontology -> candidates (gold inserted for train only) -> Task.
+Builders differ only in how they read their source.
 
 The index is always built from the ontology the task stores, so the
 candidates of a saved task can be regenerated from its ontology.jsonl alone.
@@ -19,8 +19,7 @@ from kronlink.data.splits import (
     DEFAULT_FRACTIONS,
     filter_mentions,
     split_queries,
-    train_synonyms,
-    with_synonyms,
+    without_query_strings,
 )
 
 
@@ -33,31 +32,24 @@ def assemble_task(
     split_rule: str,
     k: int,
     meta: dict[str, Any],
-    synonyms: str = "train_mentions",
     dedupe: bool = True,
     presplit: bool = False,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
 ) -> Task:
     """Build a Task from concepts and gold-labelled mentions (split unset).
 
-    ``synonyms`` says what the stored (and searched) ontology's synonym lists
-    hold. "train_mentions": each concept's train mentions and nothing else,
-    for sources whose mentions *are* ontology synonyms (HPO, ICD-10-CM
-    inclusion terms), so no dev or test mention is ever in the index.
-    "source": the concepts' synonyms as given, untouched, for user corpora
-    (MedMentions, MedNorm): their mentions are private text, and the ontology
-    outlives the job's data (DESIGN.md section 1), so none is copied into it.
+    The stored (and searched) ontology is the concepts as given minus every
+    string used as a query in any split (:func:`without_query_strings`): the
+    ontology outlives the job's data (DESIGN.md section 1), so no mention,
+    train or held-out, is copied into it. For sources whose mentions *are*
+    ontology synonyms (HPO, ICD-10-CM inclusion terms) the index therefore
+    holds the names (and definitions) only. Earlier builds folded the train
+    mentions in as synonyms; that stored query text in the ontology artifact.
     With ``presplit`` the mentions already carry their split.
     """
     kept, report = filter_mentions(mentions, concepts, dedupe=dedupe)
     split = kept if presplit else split_queries(kept, split_rule, seed, fractions)
-    match synonyms:
-        case "train_mentions":
-            ontology = with_synonyms(concepts, train_synonyms(split))
-        case "source":
-            ontology = list(concepts)
-        case _:
-            raise ValueError(f"expected synonyms 'train_mentions' or 'source', got {synonyms!r}")
+    ontology = without_query_strings(concepts, split)
     index = CandidateIndex(ontology)
     by_id = {c.id: c for c in ontology}
     # Train and evaluation queries differ only in gold insertion; order in the
@@ -74,6 +66,6 @@ def assemble_task(
         "fractions": list(fractions),
         "k": k,
         "filter": report.as_dict(),
-        "synonyms": synonyms,
+        "synonyms": "source_minus_queries",
     }
     return Task(name=name, concepts=tuple(ontology), queries=tuple(queries), meta=meta)

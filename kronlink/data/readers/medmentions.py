@@ -229,7 +229,6 @@ def read_medmentions(
             "annotations": len(queries),
             "context_words": context_words,
         },
-        synonyms="source",
         dedupe=False,
         presplit=presplit,
         fractions=fractions,

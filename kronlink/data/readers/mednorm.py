@@ -123,7 +123,6 @@ def read_mednorm(
             "rows": len(queries),
             "read_dropped": dropped,
         },
-        synonyms="source",
         dedupe=True,
         fractions=fractions,
     )
