@@ -135,6 +135,9 @@ def instantiate(
     smoke form's sizes filled in: an ``ExperimentConfig``."""
     from kronlink.experiments.config import parse_config
 
+    # Absolute: the config is parsed relative to its own folder, so a relative
+    # INPUTS found no task folder and keyed every run on an empty digest.
+    inputs, out = Path(inputs).resolve(), Path(out).resolve()
     raw = tomllib.loads(config.read_text(encoding="utf-8"))
     raw["results"] = str(out / "results")
     raw["scratch"] = str(scratch or out.parent / f".{out.name}-scratch")
