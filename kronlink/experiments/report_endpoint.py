@@ -103,8 +103,10 @@ def endpoint_section(v: _View) -> list[str]:
     """Markdown lines (empty when no ranker has both EWC and KFC searches)."""
     methods = [m for m in v.res.config.tier2.methods if m != "none"]
     comparisons = [("ewc", m) for m in methods if m != "ewc"]
-    # The registered KFC is the paper's expand rule (`kfc-expand` since issue 13).
-    comparisons += [("kfc-expand", m) for m in methods if m not in ("ewc", "kfc-expand")]
+    # The registered KFC is the paper's expand rule: `kfc-expand` since issue 13,
+    # plain `kfc` in configs from before it (those have no `kfc-expand`).
+    kfc = "kfc-expand" if "kfc-expand" in methods else "kfc"
+    comparisons += [(kfc, m) for m in methods if m not in ("ewc", kfc)]
     rows, secondary, fr_rows = [], [], []
     for r in v.rankers:
         for first, second in comparisons:
@@ -115,7 +117,7 @@ def endpoint_section(v: _View) -> list[str]:
             diffs = [p.diff for p in pairs]
             sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
             need = pairs_needed(sd * 100, 1.3) if len(diffs) > 1 and sd > 0 else None
-            primary = (first, second) == ("ewc", "kfc-expand")
+            primary = (first, second) == ("ewc", kfc)
             rows.append(
                 [
                     r.name,

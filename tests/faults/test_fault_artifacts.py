@@ -25,7 +25,9 @@ def test_artifact_folder_fault_fails_the_job_cleanly(
     Once the fault is fixed, the next job succeeds."""
     root = Path(dep.settings.artifact_url)
     if fault == "full":
-        mounts.tmpfs(root, "2m")
+        mounts.tmpfs(
+            root, "8m"
+        )  # room for v1 and one job: a state holds expand, split and exact blocks
     bootstrap_v1(dep.ctx)
     if fault == "full":
         filled = fill(root)
