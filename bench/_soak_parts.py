@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from link import NAMES, query, tree_pids
+from link import NAMES, query
+from link_table import tree_pids
 
 from kronlink.data.schema import Candidate, Concept, Query, Task
 
