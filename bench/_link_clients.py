@@ -8,6 +8,33 @@ import time
 import httpx
 
 
+async def _account(
+    path: str,
+    status: int,
+    payload: bytes,
+    retry: float,
+    t0: float,
+    t1: float,
+    warm_until: float,
+    per_request: int,
+    lat: list[float],
+    counts: list[int],
+    statuses: dict[int, int],
+) -> None:
+    """One answer, the same for both clients: any status but 200 and 429 is
+    fatal; after the warm-up, statuses are counted and 200s timed; a 429 waits
+    what the server asks, as a well-behaved client would."""
+    if status not in (200, 429):
+        raise RuntimeError(f"{path}: {status} {payload[:300]!r}")
+    if t0 >= warm_until:
+        statuses[status] = statuses.get(status, 0) + 1
+        if status == 200:
+            lat.append(t1 - t0)
+            counts[0] += per_request
+    if status == 429:
+        await asyncio.sleep(retry)
+
+
 async def httpx_client(
     port: int,
     path: str,
@@ -31,16 +58,20 @@ async def httpx_client(
                 return
             r = await client.post(path, content=body, headers=headers)
             t1 = time.perf_counter()
-            if r.status_code not in (200, 429):
-                raise RuntimeError(f"{path}: {r.status_code} {r.text[:300]!r}")
-            if t0 >= warm_until:
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200:
-                    lat.append(t1 - t0)
-                    counts[0] += per_request
-            if r.status_code == 429:
-                # as a well-behaved client would: wait what the server asks
-                await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+            retry = float(r.headers.get("Retry-After", "1"))
+            await _account(
+                path,
+                r.status_code,
+                r.content,
+                retry,
+                t0,
+                t1,
+                warm_until,
+                per_request,
+                lat,
+                counts,
+                statuses,
+            )
 
 
 async def raw_client(
@@ -78,14 +109,8 @@ async def raw_client(
                     retry = float(line[12:])
             payload = await reader.readexactly(length)
             t1 = time.perf_counter()
-            if status not in (200, 429):
-                raise RuntimeError(f"{path}: {status} {payload[:300]!r}")
-            if t0 >= warm_until:
-                statuses[status] = statuses.get(status, 0) + 1
-                if status == 200:
-                    lat.append(t1 - t0)
-                    counts[0] += per_request
-            if status == 429:
-                await asyncio.sleep(retry)
+            await _account(
+                path, status, payload, retry, t0, t1, warm_until, per_request, lat, counts, statuses
+            )
     finally:
         writer.close()

@@ -15,7 +15,7 @@ from kronlink.experiments.endpoint import (
     pairs_needed,
     reduction_both_ways,
 )
-from kronlink.experiments.report_tables import _fmt, _table, _View
+from kronlink.experiments.report_tables import _fmt, _table, _View, paper_kfc
 
 __all__ = ["endpoint_pairs", "endpoint_section"]
 
@@ -103,9 +103,7 @@ def endpoint_section(v: _View) -> list[str]:
     """Markdown lines (empty when no ranker has both EWC and KFC searches)."""
     methods = [m for m in v.res.config.tier2.methods if m != "none"]
     comparisons = [("ewc", m) for m in methods if m != "ewc"]
-    # The registered KFC is the paper's expand rule: `kfc-expand` since issue 13,
-    # plain `kfc` in configs from before it (those have no `kfc-expand`).
-    kfc = "kfc-expand" if "kfc-expand" in methods else "kfc"
+    kfc = paper_kfc(methods)  # the registered KFC is the paper's expand rule
     comparisons += [(kfc, m) for m in methods if m not in ("ewc", kfc)]
     rows, secondary, fr_rows = [], [], []
     for r in v.rankers:

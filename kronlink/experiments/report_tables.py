@@ -22,10 +22,14 @@ PAPER_FORGETTING_REDUCTION = {
 }
 
 
+def paper_kfc(methods: Sequence[str]) -> str:
+    """The method that is the paper's KFC (the expand rule) in a config:
+    ``kfc-expand`` since issue 13, plain ``kfc`` in configs from before it."""
+    return "kfc-expand" if "kfc-expand" in methods else "kfc"
+
+
 def _paper_figure(kind: str, method: str, methods: Sequence[str]) -> float | None:
-    """The paper's figure for ``method``; plain ``kfc`` gets KFC's only where the
-    config has no ``kfc-expand`` (before issue 13 ``kfc`` was the expand rule)."""
-    if method == "kfc" and "kfc-expand" not in methods:
+    if method == paper_kfc(methods):
         method = "kfc-expand"
     return PAPER_FORGETTING_REDUCTION.get(kind, {}).get(method)
 

@@ -4,6 +4,8 @@ single examples, padding invariance, and the errors it raises."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from cv_models import (
@@ -119,10 +121,12 @@ def test_kfac_is_exact_for_one_example_at_one_position(first: str) -> None:
         assert rel(e.s, brute) < EXACT, (first, name, rel(e.s, brute))
 
 
-def _three_rankers():
-    torch.manual_seed(3)
-    g = torch.Generator().manual_seed(4)
-    return {
+def ranker_cases(seed: int, extra: Callable[[torch.Generator], dict] | None = None) -> dict:
+    """The three float64 rankers with two ragged batches each, seeded; ``extra``
+    adds cases drawn from the same generator after them."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    cases = {
         "mlp": (MLPRanker().double(), [mlp_batch(6, 4, 5, g), mlp_batch(3, 4, 5, g)]),
         "cross": (
             MiniCrossEncoder().double(),
@@ -130,6 +134,7 @@ def _three_rankers():
         ),
         "conv": (ConvRanker().double(), [conv_batch(5, 4, 3, 7, g), conv_batch(3, 4, 3, 6, g)]),
     }
+    return {**cases, **(extra(g) if extra else {})}
 
 
 RANKERS = ["mlp", "cross", "conv"]
@@ -137,7 +142,7 @@ RANKERS = ["mlp", "cross", "conv"]
 
 @pytest.mark.parametrize("case", RANKERS)
 def test_diag_and_ekfac_match_loop_over_examples(case: str) -> None:
-    model, batches = _three_rankers()[case]
+    model, batches = ranker_cases(3)[case]
     batches[0].labels[1] = -1  # skipped query: counts nowhere
     state = estimate_curvature(model, batches, kinds=("kfac", "ekfac", "diag"))
     grads = per_example_grads(model, batches)
@@ -186,7 +191,7 @@ def _pad(batch: RankerBatch, case: str, g: torch.Generator) -> RankerBatch:
 
 @pytest.mark.parametrize("case", RANKERS)
 def test_padding_changes_no_factor(case: str) -> None:
-    model, batches = _three_rankers()[case]
+    model, batches = ranker_cases(3)[case]
     g = torch.Generator().manual_seed(9)
     padded = [_pad(b, case, g) for b in batches]
     s1 = estimate_curvature(model, batches)
@@ -200,7 +205,7 @@ def test_padding_changes_no_factor(case: str) -> None:
 
 
 def test_true_fisher_is_reproducible_and_differs_from_empirical() -> None:
-    model, batches = _three_rankers()["cross"]
+    model, batches = ranker_cases(3)["cross"]
     a = estimate_curvature(
         model, batches, fisher="true", generator=torch.Generator().manual_seed(0)
     )
@@ -216,7 +221,7 @@ def test_true_fisher_is_reproducible_and_differs_from_empirical() -> None:
 
 
 def test_include_other_false_drops_layernorm_and_progress_is_called() -> None:
-    model, batches = _three_rankers()["cross"]
+    model, batches = ranker_cases(3)["cross"]
     steps = []
     s = estimate_curvature(
         model,
@@ -251,7 +256,7 @@ def test_unsupported_module_is_named(cls) -> None:
 
 
 def test_bad_options() -> None:
-    model, batches = _three_rankers()["mlp"]
+    model, batches = ranker_cases(3)["mlp"]
     with pytest.raises(ConfigError):
         estimate_curvature(model, batches, kinds=("kfc",))
     with pytest.raises(ConfigError):

@@ -12,17 +12,12 @@ import json
 import pytest
 import torch
 from cv_models import (
-    ConvRanker,
-    MiniCrossEncoder,
     MLPRanker,
     QueryRanker,
     TokenRanker,
-    conv_batch,
-    cross_batch,
-    mlp_batch,
     random_labels,
 )
-from test_estimate import BRUTE, EXACT, per_example_grads, rel, vec, wbar
+from test_estimate import BRUTE, EXACT, per_example_grads, ranker_cases, rel, vec, wbar
 
 from kronlink.curvature import TaskState, _io, estimate_curvature
 from kronlink.errors import ConfigError
@@ -37,17 +32,9 @@ def _token_batch(b: int, c: int, t: int, p: int, g: torch.Generator) -> RankerBa
 
 
 def _cases(seed: int) -> dict:
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    return {
-        "mlp": (MLPRanker().double(), [mlp_batch(6, 4, 5, g), mlp_batch(3, 4, 5, g)]),
-        "cross": (
-            MiniCrossEncoder().double(),
-            [cross_batch(5, 4, 6, 11, g), cross_batch(4, 3, 5, 11, g)],
-        ),
-        "conv": (ConvRanker().double(), [conv_batch(5, 4, 3, 7, g), conv_batch(3, 4, 3, 6, g)]),
-        "token": (TokenRanker().double(), [_token_batch(4, 3, 5, 4, g)]),
-    }
+    return ranker_cases(
+        seed, lambda g: {"token": (TokenRanker().double(), [_token_batch(4, 3, 5, 4, g)])}
+    )
 
 
 CASES = ["mlp", "cross", "conv", "token"]
