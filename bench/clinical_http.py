@@ -1,0 +1,52 @@
+"""The clinical list (tests/clinical_mentions.py) through HTTP on a served model:
+top-1 per mention against the accepted codes, a record of every answer.
+
+    kronlink demo --dir demo          # in another shell: serves on :8000
+    python bench/clinical_http.py results/clinical/demo_http.json [--url http://127.0.0.1:8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from clinical_mentions import LISTS, accepted
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("out", type=Path)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    args = p.parse_args()
+    record: dict = {}
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        for onto, items in LISTS.items():
+            rows = []
+            for mention, codes in items.items():
+                r = client.post("/v1/link", json={"mention": mention, "ontology": onto, "top_k": 1})
+                r.raise_for_status()
+                body = r.json()
+                top = body["results"][0]
+                rows.append(
+                    {
+                        "mention": mention,
+                        "answer": top["id"],
+                        "name": top["name"],
+                        "version": body["model_version"],
+                        "ok": accepted(top["id"], codes),
+                    }
+                )
+            record[onto] = {"correct": sum(r["ok"] for r in rows), "n": len(rows), "rows": rows}
+            print(f"{onto}: {record[onto]['correct']} / {len(rows)} top-1 accepted")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
