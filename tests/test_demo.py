@@ -50,6 +50,8 @@ def test_demo_end_to_end_and_again(tmp_path):
     assert f"http://127.0.0.1:{port}/dashboard" in out
     assert f"curl -s http://127.0.0.1:{port}/v1/link" in out
     assert "/v1/link answers with version 2" in out
+    # the progress polls stay quiet: no client library line per request
+    assert "HTTP Request:" not in out + first.stderr
 
     engine = create_engine_from_url(f"sqlite:///{folder / 'data' / 'kronlink.db'}")
     try:

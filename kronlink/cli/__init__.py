@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # this), so a level set here would be overwritten: filter instead.
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_bm25s)
+        # httpx logs every request at INFO: the demo's progress polling would
+        # bury its own output under one line per poll.
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except KronlinkError as exc:
