@@ -159,7 +159,8 @@ def instantiate(
         raw["tier2"]["orderings"] = [[names[0], names[1]], [names[1], names[2]]]
         raw["curvature"]["limit"] = 8
         raw["curvature"]["batch_size"] = 4
-    return parse_config(raw, path=out / "decisive.toml")
+    # the path a report shows: the registered config, its inputs filled in above
+    return parse_config(raw, path=config)
 
 
 # ---- the dry run ------------------------------------------------------------------

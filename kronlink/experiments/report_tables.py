@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from kronlink.experiments.metrics import forgetting_reduction, mean_std, perc_delta
 from kronlink.experiments.runner import Results
@@ -88,6 +89,18 @@ class _View:
         return rec["metrics"][task][split] if rec else None
 
 
+def _shown(value: object) -> object:
+    """A path under the working folder as a relative path: the report lands in
+    docs/, read on other machines, where this checkout's absolute path means
+    nothing."""
+    if not isinstance(value, str | Path) or not Path(value).is_absolute():
+        return value
+    try:
+        return str(Path(value).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(value)
+
+
 def _setup(res: Results) -> list[str]:
     cfg = res.config
     t = cfg.tasks
@@ -99,7 +112,8 @@ def _setup(res: Results) -> list[str]:
         "mentions, docs/data.md)"
     )
     lines = [
-        f"Config `{cfg.path or cfg.name}`; records in `{cfg.results_dir}`. {cfg.description}".strip(),
+        f"Config `{_shown(cfg.path) or cfg.name}`; records in `{_shown(cfg.results_dir)}`. "
+        f"{cfg.description}".strip(),
         "",
         f"- Tasks: {', '.join(t.names)}; {source}; split rules {', '.join(t.split_rules)} "
         f"(headline: {t.split_rules[0]}); seeded subsets train/dev/test "
@@ -114,8 +128,9 @@ def _setup(res: Results) -> list[str]:
         f"include_other={cfg.curvature.include_other}.",
     ]
     for r in cfg.rankers:
+        model = {k: _shown(v) for k, v in dict(r.model).items()}
         lines.append(
-            f"- Ranker `{r.name}` ({r.kind}): model {dict(r.model)}, training {dict(r.train)}, "
+            f"- Ranker `{r.name}` ({r.kind}): model {model}, training {dict(r.train)}, "
             f"tiers {', '.join(r.tiers)}" + (f", grid {list(r.grid)}" if r.grid else "") + "."
         )
     devices = sorted(
