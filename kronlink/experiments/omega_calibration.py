@@ -1,0 +1,506 @@
+"""How well ``predicted_forgetting`` (``½ Ω``, the curvature's forecast of an
+old task's loss rise) tracks the forgetting the research runs measured.
+
+Every run record that trained with priors stores ``predicted_forgetting`` at
+its final weights, one value per prior. The prior's state record names the
+run whose weights anchor it (``model_run``); that run's record holds the old
+task's metrics at the anchor. So each (run, prior) gives one pair: the
+forecast, and the measured change of the old task between the anchor and the
+run: test accuracy drop (points), dev accuracy drop (points) and, where the
+records store it (``test_nll``, the decisive runs only), the test NLL rise
+(nats per query). Weights and curvature states are not in the repository
+(only the records are), so Ω cannot be recomputed under another rule: each
+source is read under the rule its code used, stated in :data:`SOURCES`.
+
+The decision rule, fixed before the table was first computed (the issue had
+already reported ρ = 0.27 over the 108 CPU tier-2 runs): a group (config,
+ranker, training method, curvature rule) is *calibrated* for a measure when
+
+- it has at least :data:`MIN_N` pairs;
+- the lower end of the 95% bootstrap interval of Spearman's ρ between the
+  forecast and the measured value is above :data:`RHO_LOWER` (resampling
+  runs, so a run's two priors stay together);
+- the per-pair ratio measured / forecast has a positive lower quartile and
+  an upper quartile at most :data:`IQR_FACTOR` times it.
+
+Only there may Ω be shown as an accuracy drop ("about x points, between a
+and b": the ratio's median and quartiles times the forecast).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CURRENT_RULE",
+    "IQR_FACTOR",
+    "MIN_N",
+    "RHO_LOWER",
+    "SOURCES",
+    "Pair",
+    "Source",
+    "bootstrap_spearman",
+    "calibrate",
+    "collect_pairs",
+    "describe_omega",
+    "fit_group",
+    "load_record",
+    "quartiles",
+    "render_table",
+    "spearman",
+]
+
+MIN_N = 20
+RHO_LOWER = 0.5
+IQR_FACTOR = 2.0
+BOOTSTRAP = 2000
+CI = 0.95
+SEED = 0
+FORMAT = 1
+# The rule ``predicted_forgetting`` uses now for a prior with KFAC factors
+# (kronlink.penalties: PenaltyMethod.KFC, the split rule with exact blocks).
+CURRENT_RULE = "split"
+MEASURES = {
+    "test_acc": "points",  # old task's test top-1 accuracy drop, x100
+    "dev_acc": "points",
+    "test_nll": "nats",  # old task's test NLL rise per query
+}
+SECTION = "omega-calibration"
+DEFAULT_RECORD = Path("results/curvature/omega_calibration.json")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stored experiment. ``factor`` turns its stored
+    ``predicted_forgetting`` into ``½ Ω``; ``rule`` is the KFAC rule its code
+    used for that forecast."""
+
+    name: str
+    path: str  # the RunStore root, relative to the repository
+    factor: float
+    rule: str
+    why: str
+
+
+# The CPU experiments were run on 2026-11-25, before commit 66bc48c
+# (2026-11-30) made predicted_forgetting return ½Ω and added the split rule:
+# they stored Ω under the expand rule. The decisive runs were made after the
+# issue-13 merge (their configs train kfc-expand beside kfc), so they store ½Ω
+# under the split rule.
+_OLD = "stored Ω (before commit 66bc48c), expand rule: halved"
+_NEW = "stored ½Ω (after the issue-13 merge), split rule with exact blocks"
+SOURCES: tuple[Source, ...] = (
+    Source("cpu_small", "results/cpu_small", 0.5, "expand", _OLD),
+    Source("cpu_probe", "results/cpu_probe", 0.5, "expand", _OLD),
+    Source("cpu_transformer", "results/cpu_transformer", 0.5, "expand", _OLD),
+    Source("decisive", "results/decisive/results", 1.0, "split", _NEW),
+)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (run, prior): the forecast and what was measured."""
+
+    config: str
+    ranker: str
+    method: str
+    rule: str
+    run: str
+    task: str
+    predicted: float  # ½ Ω, nats per query
+    test_acc: float | None  # drop, points
+    dev_acc: float | None  # drop, points
+    test_nll: float | None  # rise, nats
+
+
+# -- statistics -----------------------------------------------------------------
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their mean rank (as Spearman's ρ needs)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's ρ: Pearson's correlation of the (tie-averaged) ranks; NaN
+    when either side is constant or there are fewer than 3 points."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"spearman needs two 1-d sequences of one length, got {a.shape}, {b.shape}"
+        )
+    if len(a) < 3:
+        return math.nan
+    ra, rb = _ranks(a), _ranks(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb) / den if den > 0 else math.nan
+
+
+def bootstrap_spearman(
+    x: Sequence[float],
+    y: Sequence[float],
+    clusters: Sequence[str] | None = None,
+    *,
+    n_boot: int = BOOTSTRAP,
+    ci: float = CI,
+    seed: int = SEED,
+) -> tuple[float, float]:
+    """Percentile interval of ρ over resamples of ``clusters`` (each point its
+    own cluster when None); resamples where ρ is undefined are dropped."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keys = list(range(len(a))) if clusters is None else list(clusters)
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        groups[k].append(i)
+    members = list(groups.values())
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(members), len(members))
+        idx = np.fromiter((i for g in pick for i in members[g]), dtype=int)
+        r = spearman(a[idx], b[idx])
+        if not math.isnan(r):
+            rhos.append(r)
+    if not rhos:
+        return math.nan, math.nan
+    tail = (1 - ci) / 2 * 100
+    lo, hi = np.percentile(rhos, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(q25, median, q75), linear interpolation (numpy's default)."""
+    q25, q50, q75 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return float(q25), float(q50), float(q75)
+
+
+def _num(x: float) -> float | None:
+    """JSON has no NaN: an undefined statistic is stored as null."""
+    return None if math.isnan(x) else float(x)
+
+
+def fit_group(pairs: Sequence[Pair], measure: str) -> dict[str, Any] | None:
+    """ρ with its interval, the ratio's quartiles and the verdict for one
+    group and one measure; None when no pair has that measure."""
+    rows = [p for p in pairs if getattr(p, measure) is not None]
+    if not rows:
+        return None
+    pred = [p.predicted for p in rows]
+    meas = [getattr(p, measure) for p in rows]
+    rho = spearman(pred, meas)
+    lo, hi = bootstrap_spearman(pred, meas, [p.run for p in rows])
+    ratios = [m / p for p, m in zip(pred, meas, strict=True) if p > 0]
+    q25, med, q75 = quartiles(ratios) if ratios else (math.nan,) * 3
+    reasons: list[str] = []
+    if len(rows) < MIN_N:
+        reasons.append(f"n {len(rows)} < {MIN_N}")
+    if not lo > RHO_LOWER:
+        reasons.append(f"ρ interval's lower end {lo:.2f} ≤ {RHO_LOWER}")
+    if not q25 > 0:
+        reasons.append(f"ratio's lower quartile {q25:.3g} ≤ 0")
+    elif not q75 <= IQR_FACTOR * q25:
+        reasons.append(f"ratio's quartiles {q25:.3g}–{q75:.3g} span more than {IQR_FACTOR:g}x")
+    return {
+        "measure": measure,
+        "unit": MEASURES[measure],
+        "n": len(rows),
+        "runs": len({p.run for p in rows}),
+        "rho": _num(rho),
+        "rho_ci": [_num(lo), _num(hi)],
+        "ratio": {"q25": _num(q25), "median": _num(med), "q75": _num(q75), "n": len(ratios)},
+        "calibrated": not reasons,
+        "why": "; ".join(reasons),
+    }
+
+
+# -- records --------------------------------------------------------------------
+
+
+def _load_runs(root: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((root / "runs").glob("*/*.json")):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        out[rec["id"]] = rec
+    return out
+
+
+def _drop(before: Mapping | None, after: Mapping | None, key: str, scale: float) -> float | None:
+    if not before or not after or before.get(key) is None or after.get(key) is None:
+        return None
+    return (float(before[key]) - float(after[key])) * scale
+
+
+def collect_pairs(source: Source, repo: Path = Path()) -> list[Pair]:
+    """Every (run, prior) of ``source`` with a stored forecast."""
+    root = repo / source.path
+    if not (root / "runs").is_dir():
+        raise FileNotFoundError(f"{root}/runs: no run records for source {source.name!r}")
+    runs = _load_runs(root)
+    pairs = []
+    for rid, rec in runs.items():
+        forecast = rec.get("predicted_forgetting") or []
+        spec = rec.get("spec", {})
+        priors = spec.get("priors") or []
+        if not forecast or len(forecast) != len(priors):
+            continue
+        for value, sid in zip(forecast, priors, strict=True):
+            state = runs.get(sid)
+            anchor = runs.get(state["model_run"]) if state else None
+            if state is None or anchor is None:
+                raise ValueError(
+                    f"{source.path}: run {rid}'s prior {sid} or its anchor run is not stored"
+                )
+            task = state["task"]
+            before, after = anchor["metrics"].get(task), rec["metrics"].get(task)
+            pairs.append(
+                Pair(
+                    config=source.name,
+                    ranker=spec["ranker"]["kind"],
+                    method=spec["method"],
+                    rule=source.rule,
+                    run=rid,
+                    task=task,
+                    predicted=float(value) * source.factor,
+                    test_acc=_drop(before, after, "test", 100.0),
+                    dev_acc=_drop(before, after, "dev", 100.0),
+                    # a rise: after minus before
+                    test_nll=-d
+                    if (d := _drop(before, after, "test_nll", 1.0)) is not None
+                    else None,
+                )
+            )
+    return sorted(pairs, key=lambda p: (p.config, p.run, p.task))
+
+
+def _groups(pairs: Iterable[Pair]) -> dict[tuple[str, str, str, str], list[Pair]]:
+    out: dict[tuple[str, str, str, str], list[Pair]] = defaultdict(list)
+    for p in pairs:
+        out[(p.config, p.ranker, p.method, p.rule)].append(p)
+        # Every method together: Ω is computed the same way whatever trained.
+        out[(p.config, p.ranker, "all", p.rule)].append(p)
+    return dict(sorted(out.items()))
+
+
+def fit_pairs(pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    rows = []
+    for (config, ranker, method, rule), members in _groups(pairs).items():
+        for measure in MEASURES:
+            fit = fit_group(members, measure)
+            if fit is not None:
+                rows.append(
+                    {"config": config, "ranker": ranker, "method": method, "rule": rule, **fit}
+                )
+    return rows
+
+
+def calibrate(sources: Sequence[Source] = SOURCES, repo: Path = Path()) -> dict[str, Any]:
+    """The whole record: criteria, sources, every pair and every group's fit."""
+    pairs = [p for s in sources for p in collect_pairs(s, repo)]
+    return {
+        "format": FORMAT,
+        "criteria": {
+            "min_n": MIN_N,
+            "rho_lower": RHO_LOWER,
+            "iqr_factor": IQR_FACTOR,
+            "bootstrap": BOOTSTRAP,
+            "ci": CI,
+            "seed": SEED,
+            "resample": "runs",
+        },
+        "current_rule": CURRENT_RULE,
+        "sources": [asdict(s) for s in sources],
+        "pairs": [asdict(p) for p in pairs],
+        "groups": fit_pairs(pairs),
+    }
+
+
+def load_record(path: Path = DEFAULT_RECORD) -> dict[str, Any]:
+    rec = json.loads(Path(path).read_text(encoding="utf-8"))
+    if rec.get("format") != FORMAT:
+        raise ValueError(f"{path}: calibration record format {rec.get('format')!r}, want {FORMAT}")
+    return rec
+
+
+def pairs_of(record: Mapping[str, Any]) -> list[Pair]:
+    return [Pair(**p) for p in record["pairs"]]
+
+
+# -- the table ------------------------------------------------------------------
+
+
+def _f(x: float, spec: str = ".2f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def render_table(record: Mapping[str, Any]) -> str:
+    """The docs/curvature.md section, from the record alone."""
+    c = record["criteria"]
+    lines = [
+        "Generated by `kronlink omega-calibration` from "
+        "`results/curvature/omega_calibration.json` (do not edit by hand).",
+        "",
+        f"Forecast: `predicted_forgetting` = ½Ω (nats per query). Measured: the old task "
+        f"between the prior's anchor run and the run (accuracy drop in points, NLL rise in "
+        f"nats; NLL is stored only by the decisive runs). ρ: Spearman's, with a "
+        f"{c['ci']:.0%} bootstrap interval ({c['bootstrap']} resamples of runs). Ratio: "
+        f"measured / forecast per pair, median [q25, q75]. Calibrated (✓) when n ≥ "
+        f"{c['min_n']}, the interval's lower end > {c['rho_lower']} and q75 ≤ "
+        f"{c['iqr_factor']:g}·q25 with q25 > 0.",
+        "",
+        "| config | ranker | method | Ω rule | measure | n (runs) | ρ [95% CI] "
+        "| ratio median [q25, q75] | calibrated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in record["groups"]:
+        r = g["ratio"]
+        unit = "points/nat" if g["unit"] == "points" else "nats/nat"
+        verdict = "✓" if g["calibrated"] else f"no: {g['why']}"
+        lines.append(
+            f"| {g['config']} | {g['ranker']} | {g['method']} | {g['rule']} | {g['measure']} "
+            f"| {g['n']} ({g['runs']}) | {_f(g['rho'])} [{_f(g['rho_ci'][0])}, "
+            f"{_f(g['rho_ci'][1])}] | {_f(r['median'], '.3g')} [{_f(r['q25'], '.3g')}, "
+            f"{_f(r['q75'], '.3g')}] {unit} | {verdict} |"
+        )
+    held = [g for g in record["groups"] if g["calibrated"]]
+    lines += [
+        "",
+        f"Calibrated groups: {len(held)} of {len(record['groups'])}"
+        + (
+            ": "
+            + ", ".join(f"{g['config']}/{g['ranker']}/{g['method']}/{g['measure']}" for g in held)
+            if held
+            else "."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- what the service shows -----------------------------------------------------
+
+
+def describe_omega(
+    record: Mapping[str, Any] | None,
+    ranker: str | None,
+    method: str | None,
+    value: float | None = None,
+    *,
+    rule: str = CURRENT_RULE,
+) -> dict[str, Any]:
+    """How to show a forecast of ``ranker`` trained by ``method`` under the
+    current rule: ``calibrated`` with an accuracy-drop range where the
+    record's test-accuracy fit holds, else a relative risk score and why.
+
+    Among the configs that ran this (ranker, method, rule), the one with the
+    most pairs decides; a record without any is "no research runs"."""
+    out: dict[str, Any] = {"calibrated": False, "ranker": ranker, "method": method, "rule": rule}
+    if record is None:
+        return {**out, "why": "no calibration record"}
+    fits = [
+        g
+        for g in record["groups"]
+        if g["measure"] == "test_acc"
+        and g["rule"] == rule
+        and g["method"] == method
+        and (ranker is None or g["ranker"] == ranker)
+    ]
+    if not fits:
+        return {
+            **out,
+            "why": f"no research runs of {ranker or 'this ranker'} trained with "
+            f"{method or 'this method'} under the {rule} rule",
+        }
+    g = max(fits, key=lambda f: (f["n"], f["config"]))
+    r = g["ratio"]
+    basis = {
+        "config": g["config"],
+        "n": g["n"],
+        "rho": g["rho"],
+        "rho_ci": g["rho_ci"],
+        "ratio": r,
+    }
+    if not g["calibrated"]:
+        return {
+            **out,
+            "basis": basis,
+            "why": f"rank correlation {g['rho']:.2f} [{g['rho_ci'][0]:.2f}, "
+            f"{g['rho_ci'][1]:.2f}] over {g['n']} {g['config']} runs ({g['why']})",
+        }
+    out = {**out, "calibrated": True, "basis": basis, "why": ""}
+    if value is not None:
+        out["accuracy_drop_points"] = {
+            "about": r["median"] * value,
+            "low": r["q25"] * value,
+            "high": r["q75"] * value,
+        }
+    return out
+
+
+# -- command line ---------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from kronlink.experiments.report import write_section
+
+    ap = argparse.ArgumentParser(prog="kronlink omega-calibration", description=__doc__)
+    add_arguments(ap)
+    return run(ap.parse_args(argv), write_section)
+
+
+def add_arguments(ap: Any) -> None:
+    ap.add_argument("--record", type=Path, default=DEFAULT_RECORD, help="JSON record to write/read")
+    ap.add_argument("--md", type=Path, default=Path("docs/curvature.md"), help="markdown to update")
+    ap.add_argument(
+        "--from-record",
+        action="store_true",
+        help="rebuild the table from the stored record instead of refitting the run records",
+    )
+
+
+def run(args: Any, write_section: Any = None) -> int:
+    if write_section is None:
+        from kronlink.experiments.report import write_section
+    if args.from_record:
+        record = load_record(args.record)
+    else:
+        record = calibrate()
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.write_text(json.dumps(record, indent=1, allow_nan=True) + "\n", "utf-8")
+    write_section(args.md, SECTION, render_table(record))
+    held = sum(g["calibrated"] for g in record["groups"])
+    print(
+        json.dumps(
+            {
+                "record": str(args.record),
+                "md": str(args.md),
+                "groups": len(record["groups"]),
+                "calibrated": held,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
