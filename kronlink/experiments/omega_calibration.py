@@ -52,10 +52,13 @@ __all__ = [
     "collect_pairs",
     "describe_omega",
     "fit_group",
+    "fit_pairs",
     "load_record",
+    "pairs_of",
     "quartiles",
     "render_table",
     "spearman",
+    "write_calibration",
 ]
 
 MIN_N = 20
@@ -442,8 +445,8 @@ def describe_omega(
         return {
             **out,
             "basis": basis,
-            "why": f"rank correlation {g['rho']:.2f} [{g['rho_ci'][0]:.2f}, "
-            f"{g['rho_ci'][1]:.2f}] over {g['n']} {g['config']} runs ({g['why']})",
+            "why": f"rank correlation {_f(g['rho'])} [{_f(g['rho_ci'][0])}, "
+            f"{_f(g['rho_ci'][1])}] over {g['n']} {g['config']} runs ({g['why']})",
         }
     out = {**out, "calibrated": True, "basis": basis, "why": ""}
     if value is not None:
@@ -455,52 +458,25 @@ def describe_omega(
     return out
 
 
-# -- command line ---------------------------------------------------------------
+# -- writing --------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
+def write_calibration(
+    record_path: Path = DEFAULT_RECORD,
+    md_path: Path = Path("docs/curvature.md"),
+    *,
+    from_record: bool = False,
+    repo: Path = Path(),
+) -> dict[str, Any]:
+    """Refit from the run records (or reread the stored record), store the
+    record and put the table into ``md_path``'s section; returns the record."""
     from kronlink.experiments.report import write_section
 
-    ap = argparse.ArgumentParser(prog="kronlink omega-calibration", description=__doc__)
-    add_arguments(ap)
-    return run(ap.parse_args(argv), write_section)
-
-
-def add_arguments(ap: Any) -> None:
-    ap.add_argument("--record", type=Path, default=DEFAULT_RECORD, help="JSON record to write/read")
-    ap.add_argument("--md", type=Path, default=Path("docs/curvature.md"), help="markdown to update")
-    ap.add_argument(
-        "--from-record",
-        action="store_true",
-        help="rebuild the table from the stored record instead of refitting the run records",
-    )
-
-
-def run(args: Any, write_section: Any = None) -> int:
-    if write_section is None:
-        from kronlink.experiments.report import write_section
-    if args.from_record:
-        record = load_record(args.record)
+    if from_record:
+        record = load_record(record_path)
     else:
-        record = calibrate()
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        args.record.write_text(json.dumps(record, indent=1, allow_nan=True) + "\n", "utf-8")
-    write_section(args.md, SECTION, render_table(record))
-    held = sum(g["calibrated"] for g in record["groups"])
-    print(
-        json.dumps(
-            {
-                "record": str(args.record),
-                "md": str(args.md),
-                "groups": len(record["groups"]),
-                "calibrated": held,
-            }
-        )
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        record = calibrate(repo=repo)
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    write_section(md_path, SECTION, render_table(record))
+    return record
