@@ -129,17 +129,10 @@ class Pair:
 
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Ranks 1..n, ties given their mean rank (as Spearman's ρ needs)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=float)
-    sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    # A run of k equal values ending at rank c holds ranks c-k+1..c: mean c-(k-1)/2.
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2
+    return mean_rank[inverse].astype(float)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -175,12 +168,14 @@ def bootstrap_spearman(
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, k in enumerate(keys):
         groups[k].append(i)
-    members = list(groups.values())
+    members = [np.asarray(g, dtype=int) for g in groups.values()]
+    singletons = all(len(g) == 1 for g in members)
+    flat = np.concatenate(members) if members else np.zeros(0, dtype=int)
     rng = np.random.default_rng(seed)
     rhos = []
     for _ in range(n_boot):
         pick = rng.integers(0, len(members), len(members))
-        idx = np.fromiter((i for g in pick for i in members[g]), dtype=int)
+        idx = flat[pick] if singletons else np.concatenate([members[g] for g in pick])
         r = spearman(a[idx], b[idx])
         if not math.isnan(r):
             rhos.append(r)
