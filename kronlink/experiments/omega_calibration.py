@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from kronlink.omega_scale import CURRENT_RULE, FORMAT, describe_omega, load_calibration
+
 __all__ = [
     "CURRENT_RULE",
     "IQR_FACTOR",
@@ -67,17 +69,13 @@ IQR_FACTOR = 2.0
 BOOTSTRAP = 2000
 CI = 0.95
 SEED = 0
-FORMAT = 1
-# The rule ``predicted_forgetting`` uses now for a prior with KFAC factors
-# (kronlink.penalties: PenaltyMethod.KFC, the split rule with exact blocks).
-CURRENT_RULE = "split"
 MEASURES = {
     "test_acc": "points",  # old task's test top-1 accuracy drop, x100
     "dev_acc": "points",
     "test_nll": "nats",  # old task's test NLL rise per query
 }
 SECTION = "omega-calibration"
-DEFAULT_RECORD = Path("results/curvature/omega_calibration.json")
+DEFAULT_RECORD = Path("results/curvature/omega_calibration.json")  # relative to the repository
 
 
 @dataclass(frozen=True)
@@ -333,10 +331,7 @@ def calibrate(sources: Sequence[Source] = SOURCES, repo: Path = Path()) -> dict[
 
 
 def load_record(path: Path = DEFAULT_RECORD) -> dict[str, Any]:
-    rec = json.loads(Path(path).read_text(encoding="utf-8"))
-    if rec.get("format") != FORMAT:
-        raise ValueError(f"{path}: calibration record format {rec.get('format')!r}, want {FORMAT}")
-    return rec
+    return load_calibration(path)
 
 
 def pairs_of(record: Mapping[str, Any]) -> list[Pair]:
@@ -346,8 +341,8 @@ def pairs_of(record: Mapping[str, Any]) -> list[Pair]:
 # -- the table ------------------------------------------------------------------
 
 
-def _f(x: float, spec: str = ".2f") -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def _f(x: float | None, spec: str = ".2f") -> str:
+    return "–" if x is None or math.isnan(x) else format(x, spec)
 
 
 def render_table(record: Mapping[str, Any]) -> str:
@@ -391,66 +386,6 @@ def render_table(record: Mapping[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
-
-
-# -- what the service shows -----------------------------------------------------
-
-
-def describe_omega(
-    record: Mapping[str, Any] | None,
-    ranker: str | None,
-    method: str | None,
-    value: float | None = None,
-    *,
-    rule: str = CURRENT_RULE,
-) -> dict[str, Any]:
-    """How to show a forecast of ``ranker`` trained by ``method`` under the
-    current rule: ``calibrated`` with an accuracy-drop range where the
-    record's test-accuracy fit holds, else a relative risk score and why.
-
-    Among the configs that ran this (ranker, method, rule), the one with the
-    most pairs decides; a record without any is "no research runs"."""
-    out: dict[str, Any] = {"calibrated": False, "ranker": ranker, "method": method, "rule": rule}
-    if record is None:
-        return {**out, "why": "no calibration record"}
-    fits = [
-        g
-        for g in record["groups"]
-        if g["measure"] == "test_acc"
-        and g["rule"] == rule
-        and g["method"] == method
-        and (ranker is None or g["ranker"] == ranker)
-    ]
-    if not fits:
-        return {
-            **out,
-            "why": f"no research runs of {ranker or 'this ranker'} trained with "
-            f"{method or 'this method'} under the {rule} rule",
-        }
-    g = max(fits, key=lambda f: (f["n"], f["config"]))
-    r = g["ratio"]
-    basis = {
-        "config": g["config"],
-        "n": g["n"],
-        "rho": g["rho"],
-        "rho_ci": g["rho_ci"],
-        "ratio": r,
-    }
-    if not g["calibrated"]:
-        return {
-            **out,
-            "basis": basis,
-            "why": f"rank correlation {_f(g['rho'])} [{_f(g['rho_ci'][0])}, "
-            f"{_f(g['rho_ci'][1])}] over {g['n']} {g['config']} runs ({g['why']})",
-        }
-    out = {**out, "calibrated": True, "basis": basis, "why": ""}
-    if value is not None:
-        out["accuracy_drop_points"] = {
-            "about": r["median"] * value,
-            "low": r["q25"] * value,
-            "high": r["q75"] * value,
-        }
-    return out
 
 
 # -- writing --------------------------------------------------------------------
