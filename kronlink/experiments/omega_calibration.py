@@ -120,6 +120,9 @@ class Pair:
     test_acc: float | None  # drop, points
     dev_acc: float | None  # drop, points
     test_nll: float | None  # rise, nats
+    # Sampling noise of test_acc: the standard error of the paired per-query
+    # change (points), where both records store the test queries' ranks.
+    test_acc_se: float | None = None
 
 
 # -- statistics -----------------------------------------------------------------
@@ -216,6 +219,16 @@ def fit_group(pairs: Sequence[Pair], measure: str) -> dict[str, Any] | None:
         reasons.append(f"ratio's lower quartile {q25:.3g} ≤ 0")
     elif not q75 <= IQR_FACTOR * q25:
         reasons.append(f"ratio's quartiles {q25:.3g}–{q75:.3g} span more than {IQR_FACTOR:g}x")
+    noise = None
+    if measure == "test_acc" and all(p.test_acc_se is not None for p in rows):
+        # Is a run's measured change larger than its own sampling noise?
+        change = np.abs(np.asarray(meas, dtype=float))
+        se = np.asarray([p.test_acc_se for p in rows], dtype=float)
+        noise = {
+            "median_abs_change": float(np.median(change)),
+            "median_se": float(np.median(se)),
+            "within_2se": float(np.mean(change <= 2 * se)),
+        }
     return {
         "measure": measure,
         "unit": MEASURES[measure],
@@ -226,6 +239,7 @@ def fit_group(pairs: Sequence[Pair], measure: str) -> dict[str, Any] | None:
         "ratio": {"q25": _num(q25), "median": _num(med), "q75": _num(q75), "n": len(ratios)},
         "calibrated": not reasons,
         "why": "; ".join(reasons),
+        "noise": noise,
     }
 
 
@@ -244,6 +258,17 @@ def _drop(before: Mapping | None, after: Mapping | None, key: str, scale: float)
     if not before or not after or before.get(key) is None or after.get(key) is None:
         return None
     return (float(before[key]) - float(after[key])) * scale
+
+
+def _paired_se(before: Mapping | None, after: Mapping | None) -> float | None:
+    """Standard error (points) of the test-accuracy change, paired over the
+    same test queries (1-based ranks, 0 when the gold is absent)."""
+    a = (before or {}).get("test_ranks")
+    b = (after or {}).get("test_ranks")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = (np.asarray(b) == 1).astype(float) - (np.asarray(a) == 1).astype(float)
+    return float(d.std(ddof=1) / math.sqrt(len(d)) * 100.0)
 
 
 def collect_pairs(source: Source, repo: Path = Path()) -> list[Pair]:
@@ -283,6 +308,7 @@ def collect_pairs(source: Source, repo: Path = Path()) -> list[Pair]:
                     test_nll=-d
                     if (d := _drop(before, after, "test_nll", 1.0)) is not None
                     else None,
+                    test_acc_se=_paired_se(before, after),
                 )
             )
     return sorted(pairs, key=lambda p: (p.config, p.run, p.task))
@@ -374,6 +400,24 @@ def render_table(record: Mapping[str, Any]) -> str:
             f"{_f(g['rho_ci'][1])}] | {_f(r['median'], '.3g')} [{_f(r['q25'], '.3g')}, "
             f"{_f(r['q75'], '.3g')}] {unit} | {verdict} |"
         )
+    noisy = [g for g in record["groups"] if g.get("noise")]
+    if noisy:
+        lines += [
+            "",
+            "The measured test-accuracy change against its own sampling noise, where the "
+            "records store the test queries' ranks (SE of the change paired over the same "
+            "queries, points):",
+            "",
+            "| config | ranker | method | n | median abs. change | median SE | within 2 SE |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for g in noisy:
+            z = g["noise"]
+            lines.append(
+                f"| {g['config']} | {g['ranker']} | {g['method']} | {g['n']} "
+                f"| {z['median_abs_change']:.2f} | {z['median_se']:.2f} "
+                f"| {z['within_2se']:.0%} |"
+            )
     held = [g for g in record["groups"] if g["calibrated"]]
     lines += [
         "",

@@ -109,6 +109,16 @@ def test_fit_group_calibrated_when_forecast_tracks_the_drop() -> None:
     assert fit["ratio"]["median"] == pytest.approx(float(np.median(ratios)))
     assert 24 < fit["ratio"]["q25"] < fit["ratio"]["median"] < fit["ratio"]["q75"] < 37.5
     assert fit["n"] == fit["runs"] == 40 and fit["rho_ci"][0] > 0.5
+    assert fit["noise"] is None  # no pair has a sampling SE
+    se = rng.uniform(0.5, 5, 40)
+    noisy = [
+        replace(_pair(i, p, d), test_acc_se=e)
+        for i, (p, d, e) in enumerate(zip(pred, drop, se, strict=True))
+    ]
+    z = oc.fit_group(noisy, "test_acc")["noise"]
+    assert z["within_2se"] == pytest.approx(float(np.mean(np.abs(drop) <= 2 * se)))
+    assert z["median_se"] == pytest.approx(statistics.median(se))
+    assert z["median_abs_change"] == pytest.approx(statistics.median(np.abs(drop)))
 
 
 def test_fit_group_says_why_it_fails() -> None:
@@ -140,14 +150,16 @@ def _store(root: Path) -> None:
             "id": "anchor",
             "kind": "tier1",
             "spec": {"ranker": {"kind": "cnn"}},
-            "metrics": {"a": {"test": 0.50, "dev": 0.40, "test_nll": 1.00}},
+            "metrics": {
+                "a": {"test": 0.50, "dev": 0.40, "test_nll": 1.00, "test_ranks": [1, 1, 2, 0]}
+            },
             "predicted_forgetting": [],
         },
     )
     _write(root, {"id": "st", "kind": "state", "spec": {}, "task": "a", "model_run": "anchor"})
-    for rid, method, omega, acc, nll in [
-        ("r1", "kfc", 0.2, 0.45, 1.3),
-        ("r2", "ewc", 0.1, 0.52, 0.9),
+    for rid, method, omega, acc, nll, ranks in [
+        ("r1", "kfc", 0.2, 0.45, 1.3, {"test_ranks": [1, 2, 2, 1]}),
+        ("r2", "ewc", 0.1, 0.52, 0.9, {}),
     ]:
         _write(
             root,
@@ -155,7 +167,10 @@ def _store(root: Path) -> None:
                 "id": rid,
                 "kind": "tier2",
                 "spec": {"ranker": {"kind": "cnn"}, "method": method, "priors": ["st"]},
-                "metrics": {"a": {"test": acc, "dev": 0.30, "test_nll": nll}, "b": {"test": 0.9}},
+                "metrics": {
+                    "a": {"test": acc, "dev": 0.30, "test_nll": nll, **ranks},
+                    "b": {"test": 0.9},
+                },
                 "predicted_forgetting": [omega],
             },
         )
@@ -171,6 +186,10 @@ def test_collect_pairs_reads_anchor_and_run(tmp_path: Path) -> None:
     assert r1.test_acc == pytest.approx(5.0) and r2.test_acc == pytest.approx(-2.0)
     assert r1.dev_acc == pytest.approx(10.0)
     assert r1.test_nll == pytest.approx(0.3) and r2.test_nll == pytest.approx(-0.1)
+    # Correct (rank 1) before 1,1,0,0 and after 1,0,0,1: changes 0,-1,0,1, whose
+    # sample SD is sqrt(2/3); SE = SD / sqrt(4), in points. r2 stores no ranks.
+    assert r1.test_acc_se == pytest.approx(math.sqrt(2 / 3) / 2 * 100)
+    assert r2.test_acc_se is None
     # A prior whose state is missing is an error naming the run, not a silent skip.
     (tmp_path / "s" / "runs" / "state" / "st.json").unlink()
     with pytest.raises(ValueError, match=r"run r[12]'s prior st"):
