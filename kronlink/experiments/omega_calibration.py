@@ -123,6 +123,8 @@ class Pair:
     # Sampling noise of test_acc: the standard error of the paired per-query
     # change (points), where both records store the test queries' ranks.
     test_acc_se: float | None = None
+    n_test: int | None = None  # old task's split sizes, after the update
+    n_dev: int | None = None
 
 
 # -- statistics -----------------------------------------------------------------
@@ -309,6 +311,8 @@ def collect_pairs(source: Source, repo: Path = Path()) -> list[Pair]:
                     if (d := _drop(before, after, "test_nll", 1.0)) is not None
                     else None,
                     test_acc_se=_paired_se(before, after),
+                    n_test=(after or {}).get("n_test"),
+                    n_dev=(after or {}).get("n_dev"),
                 )
             )
     return sorted(pairs, key=lambda p: (p.config, p.run, p.task))
@@ -371,6 +375,13 @@ def _f(x: float | None, spec: str = ".2f") -> str:
     return "–" if x is None or math.isnan(x) else format(x, spec)
 
 
+def _span(pairs: Sequence[Mapping[str, Any]], config: str, key: str) -> str:
+    sizes = sorted({p[key] for p in pairs if p["config"] == config and p.get(key) is not None})
+    if not sizes:
+        return "–"
+    return str(sizes[0]) if sizes[0] == sizes[-1] else f"{sizes[0]} to {sizes[-1]}"
+
+
 def render_table(record: Mapping[str, Any]) -> str:
     """The docs/curvature.md section, from the record alone."""
     c = record["criteria"]
@@ -385,6 +396,14 @@ def render_table(record: Mapping[str, Any]) -> str:
         f"measured / forecast per pair, median [q25, q75]. Calibrated (✓) when n ≥ "
         f"{c['min_n']}, the interval's lower end > {c['rho_lower']} and q75 ≤ "
         f"{c['iqr_factor']:g}·q25 with q25 > 0.",
+        "",
+        "Old-task split sizes (queries): "
+        + "; ".join(
+            f"{cfg} test {_span(record['pairs'], cfg, 'n_test')}, "
+            f"dev {_span(record['pairs'], cfg, 'n_dev')}"
+            for cfg in dict.fromkeys(p["config"] for p in record["pairs"])
+        )
+        + ".",
         "",
         "| config | ranker | method | Ω rule | measure | n (runs) | ρ [95% CI] "
         "| ratio median [q25, q75] | calibrated |",
