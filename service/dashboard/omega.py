@@ -52,7 +52,8 @@ def omega_scale(version: Any | None) -> dict[str, Any]:
             ratio=r["median"], q25=r["q25"], q75=r["q75"], n=b["n"], config=b["config"]
         )
     else:
-        why = reading["why"] + (f": {reading['failed']}" if reading.get("failed") else "")
+        # The label already names the fit; the explanation adds what it missed.
+        why = f"the fit missed: {reading['failed']}" if reading.get("failed") else reading["why"]
         explain = _EXPLAIN_UNCALIBRATED.format(why=why)
     return {**reading, "explain": explain}
 
