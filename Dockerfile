@@ -47,6 +47,8 @@ COPY kronlink/ kronlink/
 COPY worker/ worker/
 COPY service/ service/
 COPY migrations/ migrations/
+# The Ω calibration the API and the dashboard read (kronlink/omega_scale.py).
+COPY results/curvature/omega_calibration.json results/curvature/
 # Editable on purpose: `kronlink db upgrade` reads migrations/ beside the
 # package (kronlink/registry/migrate.py).
 RUN pip install --no-deps -e . \

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from kronlink.omega_scale import omega_reading
 from kronlink.registry import JobInfo, OntologyInfo, TaskInfo, VersionInfo
 from kronlink.settings import Settings
 
@@ -193,6 +194,39 @@ def link_request_models(settings: Settings) -> LinkRequestModels:
 
 
 # -- registry ------------------------------------------------------------------
+class ForgettingScale(BaseModel):
+    """How to read ``metrics.predicted_forgetting`` (½Ω, nats per query of each
+    prior task's loss), from the stored calibration (docs/curvature.md)."""
+
+    calibrated: bool = Field(
+        description="the research runs' fit holds for this ranker and method: Ω reads as "
+        "an expected accuracy drop; false: Ω is a relative risk score only"
+    )
+    label: str = Field(description="what Ω is, in words, with the reason when uncalibrated")
+    why: str = Field(description="the fit it rests on, or why there is none; '' when calibrated")
+    failed: str = Field(default="", description="the calibration criteria the fit missed")
+    ranker: str | None = Field(description="the ranker kind the version records, if any")
+    rule: str = Field(description="the curvature rule the forecast is computed under")
+    basis: dict[str, Any] | None = Field(
+        default=None, description="config, n, rank correlation and its interval, ratio quartiles"
+    )
+    accuracy_drop_points: dict[str, dict[str, float]] = Field(
+        description="per prior task: expected test-accuracy drop {about, low, high} in "
+        "points; empty unless calibrated"
+    )
+
+    @classmethod
+    def of(cls, v: VersionInfo) -> ForgettingScale:
+        ranker = v.metrics.get("ranker")
+        forecasts = v.metrics.get("predicted_forgetting")
+        r = omega_reading(
+            ranker if isinstance(ranker, str) else None,
+            v.method,
+            forecasts if isinstance(forecasts, dict) else None,
+        )
+        return cls(**{k: r.get(k) for k in cls.model_fields if k in r})
+
+
 class VersionOut(BaseModel):
     id: int
     lineage: str
@@ -209,6 +243,9 @@ class VersionOut(BaseModel):
     created_at: datetime
     activated_at: datetime | None
     served_here: bool = Field(description="this replica is answering /v1/link with it now")
+    forgetting_scale: ForgettingScale = Field(
+        description="how to read metrics.predicted_forgetting: accuracy drop or relative risk"
+    )
 
     @classmethod
     def of(cls, v: VersionInfo, served_ids: set[int]) -> VersionOut:
@@ -228,6 +265,7 @@ class VersionOut(BaseModel):
             created_at=v.created_at,
             activated_at=v.activated_at,
             served_here=v.id in served_ids,
+            forgetting_scale=ForgettingScale.of(v),
         )
 
 

@@ -295,6 +295,8 @@ class UpdateSteps:
             "dev": summary["dev"],
             "gate_passed": self.result.gate_passed,
             "quality_gate": self.run.spec.quality_gate,
+            # Ω's calibration is per ranker kind (kronlink.omega_scale).
+            "ranker": self.model.kind,
             "predicted_forgetting": dict(
                 zip(self.prior_names, self.result.predicted_forgetting, strict=False)
             ),

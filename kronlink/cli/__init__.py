@@ -19,6 +19,7 @@ from kronlink.cli import (
     evaluate,
     experiment,
     fisher,
+    omega,
     report,
     serve,
     submit,
@@ -32,7 +33,7 @@ from kronlink.errors import KronlinkError
 __all__ = ["build_parser", "main"]
 
 COMMANDS = (tasks, train, evaluate, fisher, db, update, worker, submit, serve, demo)
-COMMANDS += (experiment, report)
+COMMANDS += (experiment, report, omega)
 
 
 def build_parser() -> argparse.ArgumentParser:

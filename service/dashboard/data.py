@@ -105,6 +105,7 @@ class VersionRow:
     error: str | None
     carries: tuple[str, ...] = ()  # names of the tasks it was trained to keep
     baselines: tuple[Baseline, ...] = ()  # the test split's baselines, when recorded
+    ranker: str | None = None  # the ranker's kind, when the worker recorded it
 
     @property
     def active(self) -> bool:
@@ -278,6 +279,7 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
                 error=str(error) if error is not None else None,
                 carries=tuple(task_names.get(s.task_id, "?") for s in states),
                 baselines=_baselines(v),
+                ranker=_ranker(v),
             )
         )
 
@@ -317,6 +319,11 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
         history=_history(session, versions),
         storage=Storage(models, task_states, _ontology_bytes(session, versions)),
     )
+
+
+def _ranker(v: VersionInfo) -> str | None:
+    kind = v.metrics.get("ranker")
+    return kind if isinstance(kind, str) else None
 
 
 def _baselines(v: VersionInfo) -> tuple[Baseline, ...]:

@@ -41,7 +41,7 @@ from service.dashboard.data import (
     lineage_names,
     lineage_view,
 )
-from service.dashboard.omega import OMEGA_EXPLAIN, OMEGA_LABEL, fmt_omega
+from service.dashboard.omega import fmt_omega, omega_drop, omega_scale
 from service.dashboard.serving import serving_view
 from service.deps import ReaderDep, StateDep
 from service.problems import install_handlers
@@ -136,7 +136,7 @@ def templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(dt=_dt, bytes=_bytes, num=_num, omega=fmt_omega, duration=_duration)
-    env.globals.update(omega_label=OMEGA_LABEL, omega_explain=OMEGA_EXPLAIN)
+    env.globals.update(omega_drop=omega_drop)
     return env
 
 
@@ -173,6 +173,8 @@ def _context(
         "serving": [],
         "matrix_svg": matrix_svg(view) if view else "",
         "lines_svg": forgetting_lines_svg(view) if view else "",
+        # The scale of the version an operator looks at: the active one, else the newest.
+        "omega_scale": omega_scale((view.active or view.versions[-1]) if view else None),
         "base_url": f"{root}/dashboard",
         "static_url": f"{root}/dashboard/static",
         "api_root": root,

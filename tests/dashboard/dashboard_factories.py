@@ -74,6 +74,7 @@ def _metrics(
         "dev": {"accuracy": acc, "mrr": acc + 0.1, "recall": {"1": acc}, "n": 50},
         "gate_passed": gate is None or acc >= gate,
         "quality_gate": gate,
+        "ranker": "transformer",
         "predicted_forgetting": forgetting,
         "selection": [],
         "timings": {},

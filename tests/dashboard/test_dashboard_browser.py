@@ -176,8 +176,15 @@ def test_dashboard_in_chromium(server, page, registry, seeded, tmp_path):
     assert "retriever 0.503 (R@10 0.810)" in v2_acc
     v1_acc = page.locator('li.version[data-version="1"] dd.accuracy').inner_text()
     assert "no baseline recorded" in v1_acc and set(BASELINES) == {2, 4}
-    # Ω is labelled with its scale: an uncalibrated relative risk score.
-    assert "relative risk score (uncalibrated)" in page.locator("abbr.omega-scale").inner_text()
+    # Ω is labelled with its scale from the stored calibration: for the active
+    # version (transformer, kfc) the fit fails, so a relative risk score and why.
+    from kronlink.omega_scale import omega_reading
+
+    scale = page.locator("abbr.omega-scale")
+    assert scale.inner_text() == omega_reading("transformer", "kfc")["label"]
+    assert scale.inner_text().startswith("relative risk score (uncalibrated: rank correlation")
+    assert scale.get_attribute("data-calibrated") == "false"
+    assert page.locator(".omega-drop").count() == 0
 
     # Storage: the total is the sum of its parts and of what each version added,
     # and matches the registry's artifacts counted once each.
@@ -262,6 +269,11 @@ def test_dashboard_in_chromium(server, page, registry, seeded, tmp_path):
             break
         time.sleep(0.2)
     assert served == [2]
+    # The API says how to read Ω the same way the page does.
+    listed = httpx.get(f"{server}/v1/versions", params={"lineage": LINEAGE}).json()
+    v2 = next(v for v in listed if v["number"] == 2)
+    assert v2["forgetting_scale"]["label"] == omega_reading("transformer", "kfc")["label"]
+    assert v2["forgetting_scale"]["calibrated"] is False
     # The matrix header marks the new active version.
     assert "●" in page.locator('#matrix-chart text.col-head[data-version="2"]').text_content()
     expect(replica.locator("td").nth(1)).to_have_text(f"{LINEAGE}: v2", timeout=8000)

@@ -137,3 +137,91 @@ def test_read_token_guards_every_piece_of_registry_data(registry, seeded, tmp_pa
         # Sent with the page request (a proxy, curl), the token shows the data at once.
         full = c.get("/dashboard", headers={"Authorization": f"Bearer {read}"})
         assert 'data-locked=""' in full.text and "mednorm" in full.text
+
+
+def _scale_text(html: str) -> tuple[str, str]:
+    m = re.search(
+        r'<abbr class="omega-scale" title="[^"]*" data-calibrated="(\w+)">([^<]*)</abbr>', html
+    )
+    assert m, "the Ω label is missing"
+    return m.group(1), m.group(2)
+
+
+def test_omega_label_comes_from_the_stored_calibration(client, seeded):
+    """The active version (transformer, kfc) under the current rule: the stored
+    record's fit fails, so Ω stays a relative risk score and the page says why,
+    with the record's numbers, and shows no accuracy drop anywhere."""
+    from kronlink.omega_scale import omega_reading, stored_calibration
+
+    record = stored_calibration()
+    assert record is not None, "results/curvature/omega_calibration.json is missing"
+    fit = next(
+        g
+        for g in record["groups"]
+        if (g["config"], g["ranker"], g["method"], g["rule"], g["measure"])
+        == ("decisive", "transformer", "kfc", "split", "test_acc")
+    )
+    assert not fit["calibrated"]
+    calibrated, label = _scale_text(client.get("/dashboard").text)
+    assert calibrated == "false"
+    assert label == omega_reading("transformer", "kfc")["label"]
+    assert label.startswith("relative risk score (uncalibrated: rank correlation ")
+    assert f"{fit['rho']:.2f}" in label and f"over {fit['n']} decisive runs" in label
+    assert "omega-drop" not in client.get("/dashboard/lineage").text
+
+
+def test_calibrated_record_shows_accuracy_drop(client, seeded, tmp_path, monkeypatch):
+    """A record whose fit holds (written here: none of the stored ones does) turns
+    each Ω cell into an expected accuracy drop with its range."""
+    import json
+
+    import kronlink.omega_scale as scale
+
+    group = {
+        "config": "decisive",
+        "ranker": "transformer",
+        "method": "kfc",
+        "rule": "split",
+        "measure": "test_acc",
+        "unit": "points",
+        "n": 60,
+        "runs": 60,
+        "rho": 0.8,
+        "rho_ci": [0.7, 0.9],
+        "ratio": {"q25": 10.0, "median": 20.0, "q75": 30.0, "n": 60},
+        "calibrated": True,
+        "why": "",
+    }
+    path = tmp_path / "omega_calibration.json"
+    path.write_text(json.dumps({"format": scale.FORMAT, "groups": [group]}), encoding="utf-8")
+    monkeypatch.setattr(scale, "DEFAULT_PATH", path)
+    scale.stored_calibration.cache_clear()
+    try:
+        html = client.get("/dashboard").text
+        calibrated, label = _scale_text(html)
+        assert calibrated == "true"
+        assert (
+            label
+            == "expected accuracy drop (calibrated: rank correlation 0.80 over 60 decisive runs)"
+        )
+        # icd10cm at v2: Ω 0.031 -> 20 x 0.031 = 0.62 points, quartiles 0.31 to 0.93.
+        assert 'Ω 0.031<span class="omega-drop">: about 0.6 points (0.3 to 0.9)</span>' in html
+    finally:
+        scale.stored_calibration.cache_clear()
+
+
+def test_api_version_carries_the_forgetting_scale(registry, seeded):
+    """What /v1/versions returns per version (service.schemas.VersionOut)."""
+    from kronlink.registry import list_versions
+    from service.schemas import VersionOut
+
+    with registry.factory() as s:
+        versions = list_versions(s, LINEAGE)
+    out = [VersionOut.of(v, set()).model_dump() for v in versions]
+    scale = out[1]["forgetting_scale"]  # v2: kfc, transformer, Ω of icd10cm 0.031
+    assert scale["calibrated"] is False and scale["ranker"] == "transformer"
+    assert scale["label"].startswith("relative risk score (uncalibrated: rank correlation")
+    assert scale["basis"]["config"] == "decisive" and scale["basis"]["n"] >= 20
+    assert scale["failed"] and scale["accuracy_drop_points"] == {}
+    # v1 trained with no penalty and no prior: no research runs to rest on.
+    assert "no research runs" in out[0]["forgetting_scale"]["why"]

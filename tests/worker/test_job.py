@@ -64,6 +64,8 @@ def test_bootstrap_then_update_keeps_no_data(ctx: JobContext, settings: Settings
     assert job.state == JobState.SUCCEEDED and job.error is None
     assert v2.number == 2 and v2.parent_id is not None and v2.method == "kfc"
     assert v2.lambdas == {"alpha": 10.0} and "alpha" in v2.metrics["predicted_forgetting"]
+    # The ranker kind, which the Ω calibration is looked up by (kronlink.omega_scale).
+    assert v2.metrics["ranker"] == TINY_RANKER["kind"] == "cnn"
     assert len(states) == 2
     for st in states:
         ctx.store.verify(ctx.store.key_of(st.artifact.uri), st.artifact.sha256)
