@@ -47,6 +47,7 @@ def test_demo_end_to_end_and_again(tmp_path):
     assert "submitting icd10cm through POST /v1/jobs" in out
     assert "submitting hpo through POST /v1/jobs" in out
     assert "predicted forgetting of icd10cm" in out
+    assert "predicted forgetting is a relative risk score (uncalibrated: " in out
     assert f"http://127.0.0.1:{port}/dashboard" in out
     assert f"curl -s http://127.0.0.1:{port}/v1/link" in out
     assert "/v1/link answers with version 2" in out

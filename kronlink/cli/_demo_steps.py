@@ -227,6 +227,11 @@ def run_job(api: Api, step: str, task: str, folder: Path, fields: dict[str, str]
         if acc is not None
         else f"      {task}: done"
     )
+    if forgetting and job.get("version_id") is not None:
+        # a bare number reads as a measured loss; say what it is, as the dashboard does
+        scale = api.get(f"/v1/versions/{job['version_id']}").get("forgetting_scale") or {}
+        if scale.get("label"):
+            say(f"      predicted forgetting is a {scale['label']}")
 
 
 def wait_served(api: Api, timeout_s: float = 30.0) -> None:
