@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from clinical_mentions import LISTS, accepted
 
-from kronlink.data._text import normalize
+from kronlink.data._text import name_keys, normalize
 from kronlink.data.io import load_task
 from kronlink.data.schema import Candidate, Query
 from kronlink.evaluation import evaluate
@@ -80,13 +80,13 @@ def main() -> int:
             with_exact = [
                 q
                 for q in qs
-                if any(normalize(c.name) == normalize(q.mention) for c in q.candidates or ())
+                if any(normalize(q.mention) in name_keys(c.name) for c in q.candidates or ())
             ]
             wrong = [
                 q
                 for q in with_exact
                 if not any(
-                    c.id == q.gold and normalize(c.name) == normalize(q.mention)
+                    c.id == q.gold and normalize(q.mention) in name_keys(c.name)
                     for c in q.candidates or ()
                 )
             ]

@@ -5,8 +5,9 @@ Serving (``service.holder.LoadedModel.score``) and evaluation
 :func:`rank_scores`, so the served order and the measured order are the same.
 
 The rule (issue 12, item 3): a candidate whose name equals the mention after
-:func:`~kronlink.data._text.normalize` (or, when the caller knows it, whose
-stored synonym does) ranks first unless the model has strong evidence against
+:func:`~kronlink.data._text.name_keys` (normalised; "Anemia, unspecified"
+also matches "anemia") or, when the caller knows it, whose stored synonym
+does, ranks first unless the model has strong evidence against
 it. Its score, a logit of the ranker's softmax over candidates, is raised by
 ``exact_margin``: another candidate stays above the exact match only when the
 model scores it more than ``exact_margin`` higher, i.e. when the model's
@@ -31,7 +32,7 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import Tensor
 
-from kronlink.data._text import normalize
+from kronlink.data._text import name_keys, normalize
 from kronlink.data.schema import Query
 from kronlink.models.base import Ranker, RankerBatch
 from kronlink.settings import DEFAULT_EXACT_MARGIN
@@ -52,15 +53,16 @@ def exact_mask(
 ) -> Tensor:
     """(len(queries), width) bool: True where a candidate is an exact match.
 
-    A candidate matches when its name equals the mention after normalisation,
-    or when its id is in ``exact_ids[i]`` (the ids the retriever matched by a
+    A candidate matches when the mention equals one of its name's
+    :func:`~kronlink.data._text.name_keys` (the name normalised, and without
+    ICD-10-CM's trailing ", unspecified"), or when its id is in ``exact_ids[i]`` (the ids the retriever matched by a
     stored synonym; a candidate carries only its name)."""
     out = torch.zeros((len(queries), width), dtype=torch.bool)
     for i, q in enumerate(queries):
         key = normalize(q.mention)
         ids = exact_ids[i] if exact_ids is not None else None
         for j, c in enumerate(q.candidates or ()):
-            if j < width and ((ids is not None and c.id in ids) or normalize(c.name) == key):
+            if j < width and ((ids is not None and c.id in ids) or key in name_keys(c.name)):
                 out[i, j] = True
     return out
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from kronlink.data._text import name_keys
 from kronlink.data.schema import Candidate, Concept, Query
 from kronlink.evaluation import evaluate, score_queries
 from kronlink.models.base import Ranker, RankerBatch
@@ -75,6 +76,22 @@ FEVER = Query(
 
 def test_the_default_setting_is_the_rankings_default():
     assert Settings().exact_margin == DEFAULT_EXACT_MARGIN == 3.0
+
+
+def test_name_keys_drop_only_icds_plain_unspecified_suffix():
+    assert name_keys("Anemia, unspecified") == {"anemia, unspecified", "anemia"}
+    assert name_keys(" Asthma ") == {"asthma"}
+    # a qualified "unspecified" still names something more specific
+    assert name_keys("Otitis media, unspecified ear") == {"otitis media, unspecified ear"}
+    assert name_keys(", unspecified") == {", unspecified"}
+    unspecified = Query(
+        "anemia", gold=None, candidates=(Candidate("D64.9", "Anemia, unspecified"),)
+    )
+    assert exact_mask([unspecified], 1).tolist() == [[True]]
+    r = Retriever(
+        [Concept("D50", "Iron deficiency anemia"), Concept("D64.9", "Anemia, unspecified")]
+    )
+    assert r.search(["Anemia"], 1)[0][0][0] == "D64.9"
 
 
 def test_exact_mask_matches_normalised_names_and_given_synonym_ids():
