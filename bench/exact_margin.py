@@ -28,7 +28,7 @@ from kronlink.data.io import load_task
 from kronlink.data.schema import Candidate, Query
 from kronlink.evaluation import evaluate
 from kronlink.models import load_ranker
-from kronlink.ranking import rank_scores
+from kronlink.ranking import exact_mask, rank_scores
 from kronlink.retrieval import Retriever
 
 MARGINS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 1e9)
@@ -52,14 +52,17 @@ def _clinical(model, retriever: Retriever, onto: str, margin: float) -> dict:
     exact_ids = [frozenset(retriever.ids[i] for i in retriever.exact(m)) for m in items]
     with torch.no_grad():
         scores, _ = rank_scores(model, queries, exact_margin=margin, exact_ids=exact_ids)
+    exact = exact_mask(queries, scores.shape[1], exact_ids)
     rows = []
     for i, (m, codes) in enumerate(items.items()):
         cands = queries[i].candidates or ()
         s = scores[i, : len(cands)]
         top = cands[int(s.argmax())]
-        rows.append(
-            {"mention": m, "answer": top.id, "name": top.name, "ok": accepted(top.id, codes)}
-        )
+        row = {"mention": m, "answer": top.id, "name": top.name, "ok": accepted(top.id, codes)}
+        hit = exact[i, : len(cands)]
+        if hit.any():  # how far the best exact candidate trails the top one (0: it is top)
+            row["exact_gap"] = round(float(s.max() - s[hit].max()), 3)
+        rows.append(row)
     return {"correct": sum(r["ok"] for r in rows), "n": len(rows), "rows": rows}
 
 
@@ -111,11 +114,10 @@ def main() -> int:
                 per = [_clinical(model, retrievers[name], name, m) for m in MARGINS]
                 out["clinical"][name] = [c["correct"] for c in per]
                 out["clinical"][f"{name}_rows_at_default"] = per[MARGINS.index(3.0)]["rows"]
+                out["clinical"][f"{name}_rows_model_alone"] = per[0]["rows"]
         record["models"][label] = out
         print(label, json.dumps({k: v for k, v in out.items() if k == "splits"}))
-        print(
-            label, {k: v for k, v in out["clinical"].items() if not k.endswith("rows_at_default")}
-        )
+        print(label, {k: v for k, v in out["clinical"].items() if "_rows_" not in k})
     record["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
