@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from kronlink.evaluation import evaluate
 from kronlink.models import load_ranker
 from kronlink.ranking import exact_mask, rank_scores
 from kronlink.retrieval import Retriever
+from kronlink.settings import DEFAULT_EXACT_MARGIN
 
-MARGINS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 1e9)
+MARGINS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 1e9)
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -66,6 +68,40 @@ def _clinical(model, retriever: Retriever, onto: str, margin: float) -> dict:
     return {"correct": sum(r["ok"] for r in rows), "n": len(rows), "rows": rows}
 
 
+def source_prior() -> dict:
+    """How often a source synonym equal to a concept's name (after
+    :func:`name_keys`) names that concept: every EXACT/RELATED HPO synonym and
+    ICD-10-CM inclusion term, before any task filter. The log odds are the
+    exact-name prior's default (kronlink.settings.DEFAULT_EXACT_MARGIN)."""
+    from kronlink.data.builders.hpo import hpo_obo_path, parse_hpo
+    from kronlink.data.builders.icd10cm import icd10cm_tabular_path, parse_icd10cm
+
+    out: dict = {}
+    for name, (concepts, mentions) in {
+        "icd10cm": parse_icd10cm(icd10cm_tabular_path()),
+        "hpo": parse_hpo(hpo_obo_path()),
+    }.items():
+        keys: dict[str, set[str]] = {}
+        for c in concepts:
+            for k in name_keys(c.name):
+                keys.setdefault(k, set()).add(c.id)
+        right = wrong = 0
+        examples = []
+        for q in mentions:
+            ids = keys.get(normalize(q.mention))
+            if ids and q.gold in ids:
+                right += 1
+            elif ids:
+                wrong += 1
+                examples.append([q.mention, q.gold, sorted(ids)])
+        out[name] = {"mentions": len(mentions), "names_their_gold": right, "names_another": wrong}
+        out[name]["examples_another"] = examples[:10]
+    right = sum(v["names_their_gold"] for v in out.values())
+    wrong = sum(v["names_another"] for v in out.values())
+    out["log_odds"] = round(math.log(right / wrong), 3) if wrong else None
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out", type=Path)
@@ -73,6 +109,8 @@ def main() -> int:
     p.add_argument("--task", action="append", type=_pair, required=True)
     args = p.parse_args()
     record: dict = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
+    record["source_prior"] = source_prior()
+    print("source prior", {k: v for k, v in record["source_prior"].items() if k != "examples"})
     record["margins"] = [m if m < 1e9 else "inf" for m in MARGINS]
     tasks = {name: load_task(path) for name, path in args.task}
     record["tasks"] = {}
@@ -113,7 +151,9 @@ def main() -> int:
             if name in LISTS:
                 per = [_clinical(model, retrievers[name], name, m) for m in MARGINS]
                 out["clinical"][name] = [c["correct"] for c in per]
-                out["clinical"][f"{name}_rows_at_default"] = per[MARGINS.index(3.0)]["rows"]
+                out["clinical"][f"{name}_rows_at_default"] = per[
+                    MARGINS.index(DEFAULT_EXACT_MARGIN)
+                ]["rows"]
                 out["clinical"][f"{name}_rows_model_alone"] = per[0]["rows"]
         record["models"][label] = out
         print(label, json.dumps({k: v for k, v in out.items() if k == "splits"}))

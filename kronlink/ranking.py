@@ -39,11 +39,13 @@ from kronlink.settings import DEFAULT_EXACT_MARGIN
 
 __all__ = ["DEFAULT_EXACT_MARGIN", "apply_exact_prior", "exact_mask", "rank_scores"]
 
-# DEFAULT_EXACT_MARGIN (kronlink.settings, the ``exact_margin`` setting): 3 nats,
-# i.e. the model must give another candidate more than e^3 ~ 20 times the
-# exact match's probability to keep it first. Why 3: see
-# results/clinical/exact_margin.json (the gaps on the clinical list and the
-# effect on the demo tasks' dev/test top-1 per margin).
+# DEFAULT_EXACT_MARGIN (kronlink.settings, the ``exact_margin`` setting): 5 nats,
+# the log odds that a source synonym equal to a concept's name names that
+# concept: 1,047 of 1,054 HPO synonyms and ICD-10-CM inclusion terms that equal
+# a name do (ln(1047/7) = 5.0; bench/exact_margin.py, "source_prior" in
+# results/clinical/exact_margin.json). The model must then give another
+# candidate more than e^5 ~ 150 times the exact match's probability to keep it
+# first. It is taken from the ontologies, not tuned on the clinical list.
 
 
 def exact_mask(

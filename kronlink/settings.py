@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from kronlink.errors import ConfigError
 
 # The exact-name prior's default (kronlink/ranking.py explains the rule and the value).
-DEFAULT_EXACT_MARGIN = 3.0
+DEFAULT_EXACT_MARGIN = 5.0
 
 __all__ = ["Settings", "get_settings", "load_settings"]
 

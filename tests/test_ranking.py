@@ -47,13 +47,13 @@ class TableRanker(Ranker):
         return batch.features["scores"] + self.anchor
 
 
-# "asthma": the model prefers the subtype by 1.5 (< 3: the exact name wins).
-# "fever": it prefers "Intrapartum fever" by 4.0 (> 3: its evidence stands).
+# "asthma": the model prefers the subtype by 1.5 (< 5: the exact name wins).
+# "fever": it prefers "Intrapartum fever" by 6.0 (> 5: its evidence stands).
 TABLE = {
     "Exercise-induced asthma": 2.0,
     "Asthma": 0.5,
     "Cough": -1.0,
-    "Intrapartum fever": 4.5,
+    "Intrapartum fever": 6.5,
     "Fever": 0.5,
     "Pruritus": 0.0,
     "Pruritus ani": 1.0,
@@ -75,7 +75,7 @@ FEVER = Query(
 
 
 def test_the_default_setting_is_the_rankings_default():
-    assert Settings().exact_margin == DEFAULT_EXACT_MARGIN == 3.0
+    assert Settings().exact_margin == DEFAULT_EXACT_MARGIN == 5.0
 
 
 def test_name_keys_drop_only_icds_plain_unspecified_suffix():
@@ -103,7 +103,7 @@ def test_exact_mask_matches_normalised_names_and_given_synonym_ids():
 
 @pytest.mark.parametrize(
     ("margin", "asthma_rank", "fever_rank"),
-    [(0.0, 2, 2), (1.0, 2, 2), (DEFAULT_EXACT_MARGIN, 1, 2), (5.0, 1, 1)],
+    [(0.0, 2, 2), (1.0, 2, 2), (DEFAULT_EXACT_MARGIN, 1, 2), (7.0, 1, 1)],
 )
 def test_evaluation_ranks_the_exact_name_first_unless_the_model_is_sure(
     margin, asthma_rank, fever_rank
