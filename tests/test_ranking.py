@@ -160,3 +160,12 @@ def test_serving_ranks_as_evaluation_does_and_counts_stored_synonyms():
     assert served[0][0]["score"] == pytest.approx(3.5)
     # the same order evaluation measures for the given-candidates query
     assert evaluate(TableRanker(TABLE), [ASTHMA], exact_margin=3.0).accuracy == 1.0
+
+
+def test_the_update_request_refuses_a_negative_margin():
+    from kronlink.errors import ConfigError
+    from kronlink.update import UpdateRequest
+
+    assert UpdateRequest(method="none", lambdas=0.0).exact_margin == 0.0  # the model alone
+    with pytest.raises(ConfigError, match="exact_margin"):
+        UpdateRequest(method="none", lambdas=0.0, exact_margin=-1.0)
