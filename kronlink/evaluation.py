@@ -14,6 +14,7 @@ import torch
 
 from kronlink.data.schema import Query
 from kronlink.models.base import Ranker, masked_log_softmax
+from kronlink.ranking import rank_scores
 
 __all__ = ["Metrics", "evaluate", "metrics_from_ranks", "rank_of_gold", "score_queries"]
 
@@ -60,15 +61,17 @@ def score_queries(
     queries: Sequence[Query],
     *,
     batch_size: int = 64,
+    exact_margin: float = 0.0,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[tuple[str, float, float]]]:
-    """Per query, its candidates as (id, score, probability) in input order."""
+    """Per query, its candidates as (id, score, probability) in input order.
+
+    ``exact_margin``: the exact-name prior (kronlink.ranking); 0 is the model alone."""
     model.eval()
     out: list[list[tuple[str, float, float]]] = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
-        batch = model.encode(chunk).to(model.device)
-        scores = model(batch).float()
+        scores, batch = rank_scores(model, chunk, exact_margin=exact_margin)
         probs = masked_log_softmax(scores, batch.candidate_mask).exp()
         for i, q in enumerate(chunk):
             cands = q.candidates or ()
@@ -87,16 +90,21 @@ def evaluate(
     *,
     batch_size: int = 64,
     ks: Sequence[int] = (1, 5, 10),
+    exact_margin: float = 0.0,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Metrics:
-    """Rank every query's candidates with ``model`` and compute the metrics."""
+    """Rank every query's candidates with ``model`` and compute the metrics.
+
+    ``exact_margin``: the exact-name prior serving applies (kronlink.ranking);
+    the default 0 measures the model alone, as every stored experiment did."""
     was_training = model.training
     model.eval()
     ranks: list[int] = []
     try:
         for start in range(0, len(queries), batch_size):
-            batch = model.encode(queries[start : start + batch_size]).to(model.device)
-            ranks.extend(rank_of_gold(model(batch).float(), batch.candidate_mask, batch.labels))
+            chunk = queries[start : start + batch_size]
+            scores, batch = rank_scores(model, chunk, exact_margin=exact_margin)
+            ranks.extend(rank_of_gold(scores, batch.candidate_mask, batch.labels))
             if on_batch is not None:
                 on_batch(min(start + batch_size, len(queries)), len(queries))
     finally:

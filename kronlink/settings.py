@@ -22,6 +22,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kronlink.errors import ConfigError
 
+# The exact-name prior's default (kronlink/ranking.py explains the rule and the value).
+DEFAULT_EXACT_MARGIN = 5.0
+
 __all__ = ["Settings", "get_settings", "load_settings"]
 
 _HOUR = 3600
@@ -95,6 +98,11 @@ class Settings(BaseSettings):
     fusion_w_bm25: float = Field(default=0.25, ge=0)
     fusion_rrf_k: float = Field(default=10.0, gt=0)
     fusion_depth: int = Field(default=100, ge=1)  # each list's top read into the fusion
+    # An exact or normalised-name (or stored-synonym) match ranks first unless the
+    # model scores another candidate more than this many nats (logits) higher
+    # (kronlink/ranking.py; issue 12 item 3). Serving and the update job's
+    # evaluation apply it; 0 turns it off (the model alone).
+    exact_margin: float = Field(default=DEFAULT_EXACT_MARGIN, ge=0)
     # The update job's gate also refuses a version whose dev top-1 is below the
     # retriever's own dev top-1 (issue 12, item 3). Off by default: the demo's
     # reduced version 1 is below BM25 today, and turning it on would refuse it.

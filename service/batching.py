@@ -74,12 +74,17 @@ class _Work:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-def rank_items(model: LoadedModel, items: Sequence[LinkItem], max_size: int) -> list[Ranked]:
+def rank_items(
+    model: LoadedModel, items: Sequence[LinkItem], max_size: int, exact_margin: float = 0.0
+) -> list[Ranked]:
     """Generate missing candidates, score in chunks of ``max_size``, rank.
 
     Runs in the model thread. Ties keep the candidates' input order.
+    ``exact_margin``: the exact-name prior (kronlink.ranking); a generated
+    candidate also counts as exact when the retriever matched a stored synonym.
     """
     cands: list[tuple[Candidate, ...] | None] = [it.candidates for it in items]
+    exact_ids: list[frozenset[str] | None] = [None] * len(items)
     by_index: dict[int, list[int]] = {}
     for i, it in enumerate(items):
         if it.candidates is None and it.index is not None:
@@ -91,6 +96,7 @@ def rank_items(model: LoadedModel, items: Sequence[LinkItem], max_size: int) -> 
         found = first.index.candidates([items[i].mention for i in positions], k)
         for i, c in zip(positions, found, strict=True):
             cands[i] = c[: items[i].k]
+            exact_ids[i] = first.index.exact_ids(items[i].mention)
     queries = [
         Query(
             mention=it.mention,
@@ -103,7 +109,13 @@ def rank_items(model: LoadedModel, items: Sequence[LinkItem], max_size: int) -> 
     ]
     scored: list[tuple[list[float], list[float]]] = []
     for start in range(0, len(queries), max_size):
-        scored.extend(model.score(queries[start : start + max_size]))
+        scored.extend(
+            model.score(
+                queries[start : start + max_size],
+                exact_margin=exact_margin,
+                exact_ids=exact_ids[start : start + max_size],
+            )
+        )
     out: list[Ranked] = []
     for it, q, (scores, probs) in zip(items, queries, scored, strict=True):
         order = sorted(range(len(scores)), key=lambda j: -scores[j])
@@ -138,8 +150,10 @@ class MicroBatcher:
         max_wait_s: float,
         queue_max: int,
         queue_max_s: float = float("inf"),
+        exact_margin: float = 0.0,
     ) -> None:
         self.holder = holder
+        self._exact_margin = exact_margin  # kronlink.ranking's exact-name prior
         self._executor = executor
         self._metrics = metrics
         self._max_size = max_size
@@ -273,7 +287,7 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             ranked = await loop.run_in_executor(
-                self._executor, rank_items, model, items, self._max_size
+                self._executor, rank_items, model, items, self._max_size, self._exact_margin
             )
         except Exception:
             if len(batch) == 1:

@@ -27,7 +27,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kronlink.data.schema import Candidate, Query
 from kronlink.models import Ranker, load_ranker, masked_log_softmax
+from kronlink.ranking import rank_scores
 from kronlink.registry import ArtifactStore, VersionInfo, active_version
 from service.metrics import Metrics
 
@@ -62,14 +63,23 @@ class LoadedModel:
     version: VersionInfo
     ranker: Ranker
 
-    def score(self, queries: Sequence[Query]) -> list[tuple[list[float], list[float]]]:
+    def score(
+        self,
+        queries: Sequence[Query],
+        *,
+        exact_margin: float = 0.0,
+        exact_ids: Sequence[Collection[str] | None] | None = None,
+    ) -> list[tuple[list[float], list[float]]]:
         """Per query, (scores, probabilities) of its candidates in input order.
 
         Called from the model thread only; one forward pass for all queries.
+        ``exact_margin`` and ``exact_ids``: the exact-name prior
+        (kronlink.ranking, the same function evaluation ranks with).
         """
         with torch.inference_mode():
-            batch = self.ranker.encode(queries).to(self.ranker.device)
-            scores = self.ranker(batch).float()
+            scores, batch = rank_scores(
+                self.ranker, queries, exact_margin=exact_margin, exact_ids=exact_ids
+            )
             probs = masked_log_softmax(scores, batch.candidate_mask).exp()
             s_rows, p_rows = scores.cpu().tolist(), probs.cpu().tolist()
         out = []

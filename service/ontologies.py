@@ -40,6 +40,10 @@ class OntologyIndex:
     index: Retriever
     concepts: dict[str, Concept]
 
+    def exact_ids(self, mention: str) -> frozenset[str]:
+        """Ids of the concepts whose name or stored synonym equals the mention."""
+        return frozenset(self.index.ids[i] for i in self.index.exact(mention))
+
     def candidates(self, mentions: Sequence[str], k: int) -> list[tuple[Candidate, ...]]:
         """The top ``k`` concepts per mention, best first (model thread only)."""
         return [

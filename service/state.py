@@ -120,6 +120,7 @@ class ServiceState:
                 max_wait_s=s.batch_max_wait_ms / 1000,
                 queue_max=s.batch_queue_max,
                 queue_max_s=s.batch_queue_max_ms / 1000,
+                exact_margin=s.exact_margin,
             )
             batcher.start()
             self.batchers[lineage] = batcher

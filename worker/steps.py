@@ -197,6 +197,7 @@ class UpdateSteps:
             train=self.train,
             quality_gate=spec.quality_gate,
             retriever_dev_top1=self.retriever_dev_top1(),
+            exact_margin=run.ctx.settings.exact_margin,
         )
         update = run.ctx.update_fn or run_update
         t0 = time.perf_counter()

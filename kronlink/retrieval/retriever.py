@@ -6,7 +6,8 @@
 Order of a result list:
 
 1. exact and normalised-name matches (the mention equals a concept's name or
-   stored synonym after :func:`normalize`), always included, in ontology
+   stored synonym after :func:`normalize`, or the name without ICD-10-CM's
+   trailing ", unspecified": :func:`name_keys`), always included, in ontology
    order; a clinician typing "Asthma" must get Asthma among the candidates;
 2. then, in ``mode="bm25"``, BM25's ranking (the project's CandidateIndex);
    in ``mode="fused"``, weighted reciprocal-rank fusion of BM25's and the
@@ -29,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from kronlink.data._text import normalize
+from kronlink.data._text import name_keys, normalize
 from kronlink.data.candidates import CandidateIndex
 from kronlink.data.schema import Concept
 from kronlink.retrieval.dense import DenseIndex, Encoder
@@ -73,7 +74,7 @@ class Retriever:
         self.w_dense, self.w_bm25, self.rrf_k, self.depth = w_dense, w_bm25, rrf_k, depth
         exact: dict[str, list[int]] = defaultdict(list)
         for i, c in enumerate(self.concepts):
-            for key in {normalize(t) for t in (c.name, *c.synonyms)} - {""}:
+            for key in set().union(*(name_keys(t) for t in (c.name, *c.synonyms))):
                 exact[key].append(i)
         self._exact = {k: sorted(v) for k, v in exact.items()}
 

@@ -319,8 +319,9 @@ class _Job:
 
     def _evaluate(self) -> tuple[Metrics, Metrics, list[float], bool]:
         size = self.req.eval_batch_size
-        test = evaluate(self.model, self.splits["test"], batch_size=size)
-        dev = evaluate(self.model, self.splits["dev"], batch_size=size)
+        margin = self.req.exact_margin
+        test = evaluate(self.model, self.splits["test"], batch_size=size, exact_margin=margin)
+        dev = evaluate(self.model, self.splits["dev"], batch_size=size, exact_margin=margin)
         forgetting = predicted_forgetting(self.model, self.priors) if self.priors else []
         gate = self.req.quality_gate
         failures = []

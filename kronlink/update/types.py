@@ -72,8 +72,14 @@ class UpdateRequest:
     # with the retriever that made the candidates); a model below it is refused:
     # ranking would make the answers worse than the candidates' order. None: no check.
     retriever_dev_top1: float | None = None
+    # The exact-name prior the final dev/test evaluation ranks with
+    # (kronlink.ranking): the worker passes the serving setting, so the
+    # version's reported accuracy is that of the order it will serve. 0: the model alone.
+    exact_margin: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.exact_margin >= 0:
+            raise ConfigError(f"exact_margin must be >= 0 (nats), got {self.exact_margin}")
         if self.method == "replay":
             raise ConfigError(
                 "method 'replay' is refused: it trains on old tasks' data, which the "

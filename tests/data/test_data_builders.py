@@ -131,3 +131,16 @@ def test_registry():
     assert set(BUILDERS) == {"icd10cm", "hpo", "drugs"}
     with pytest.raises(ValueError, match="unknown task"):
         build_task("snomed")
+
+
+def test_hpo_keeps_the_source_synonyms_that_are_no_query(tmp_path):
+    """HPO's stored ontology holds the EXACT/RELATED synonyms that no split
+    uses as a query (here: those beyond ``limit``), and none that it does."""
+    obo = tmp_path / "hp.obo"
+    obo.write_text(HPO_WITH_CANARY.replace(" {plant}", ""))
+    task = build_task("hpo", path=obo, k=2, split_rule="mention", limit=3)
+    queries = {normalize(q.mention) for q in task.queries}
+    assert queries == {"epileptic seizure", "seizures", "fits"}
+    stored = {c.id: {normalize(s) for s in c.synonyms} for c in task.concepts}
+    assert stored["HP:0001250"] == set()  # all three are queries
+    assert stored["HP:0002315"] == {"cephalgia", "head pain"}  # beyond the limit

@@ -8,8 +8,9 @@
   left out: they name a wider or narrower phenotype, so the term is not their
   correct link. Context is empty (an ontology has no running text).
 - Leakage: here the mentions *are* the synonyms, so the ontology stored with
-  the task keeps as synonyms only the train mentions; dev and test synonyms
-  are removed from it and from the BM25 index (DESIGN.md section 2).
+  the task keeps only the synonyms that are no query of any split (those
+  beyond ``limit``, or dropped by the mention filter); every query string is
+  removed from it and from the indexes (issue 12, item 0).
 """
 
 from __future__ import annotations
@@ -64,7 +65,15 @@ def _quoted(value: str) -> tuple[str, str | None] | None:
 def parse_hpo(
     path: str | Path, scopes: Sequence[str] = DEFAULT_SCOPES
 ) -> tuple[list[Concept], list[Query]]:
-    """Concepts (without synonyms) and unsplit synonym mentions, in file order."""
+    """Concepts and unsplit synonym mentions, in file order.
+
+    A concept carries its synonyms of the ``scopes`` asked for (the same ones
+    that become mentions); :func:`assemble_task` then removes every string
+    used as a query in any split. What remains (synonyms left out by
+    ``limit`` or by the mention filter) is the ontology's own content, which
+    a served index should search: "itching" finds Pruritus. Earlier parses
+    dropped every synonym, so the stored HPO held names only whatever the
+    task's queries were."""
     concepts: list[Concept] = []
     mentions: list[Query] = []
     wanted = set(scopes)
@@ -75,13 +84,20 @@ def parse_hpo(
         if not hp_id or not name:
             continue
         parsed_def = _quoted(st["def"][0]) if "def" in st else None
-        concepts.append(
-            Concept(id=hp_id, name=name, definition=parsed_def[0] if parsed_def else "")
-        )
+        synonyms: list[str] = []
         for value in st.get("synonym", []):
             parsed = _quoted(value)
             if parsed and parsed[0] and parsed[1] in wanted:
                 mentions.append(Query(mention=parsed[0], gold=hp_id))
+                synonyms.append(parsed[0])
+        concepts.append(
+            Concept(
+                id=hp_id,
+                name=name,
+                synonyms=tuple(synonyms),
+                definition=parsed_def[0] if parsed_def else "",
+            )
+        )
     return concepts, mentions
 
 

@@ -14,7 +14,9 @@
   under. Left and right context are empty: the XML has no running text, and
   the parent's description would hand the model the answer's neighbourhood,
   which real text does not.
-- The ontology's synonyms are the train mentions only (DESIGN.md section 2).
+- The ontology's synonyms are the inclusion terms that no split uses as a
+  query (those beyond ``limit`` or dropped by the mention filter): the
+  builder removes every query string from the stored ontology (issue 12, item 0).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _text(el: ET.Element | None) -> str:
 
 
 def parse_icd10cm(path: str | Path) -> tuple[list[Concept], list[Query]]:
-    """Concepts and (unsplit) mentions from a tabular XML file, in file order."""
+    """Concepts (with their inclusion terms as synonyms) and (unsplit)
+    mentions from a tabular XML file, in file order."""
     concepts: list[Concept] = []
     mentions: list[Query] = []
     root = ET.parse(path).getroot()
@@ -55,12 +58,17 @@ def parse_icd10cm(path: str | Path) -> tuple[list[Concept], list[Query]]:
         if not code or not desc:
             continue
         includes = [_text(n) for inc in diag.findall("includes") for n in inc.findall("note")]
-        concepts.append(Concept(id=code, name=desc, definition="; ".join(i for i in includes if i)))
-        for term in diag.findall("inclusionTerm"):
-            for note in term.findall("note"):
-                text = _text(note)
-                if text:
-                    mentions.append(Query(mention=text, gold=code))
+        terms = [_text(n) for t in diag.findall("inclusionTerm") for n in t.findall("note")]
+        terms = [t for t in terms if t]
+        concepts.append(
+            Concept(
+                id=code,
+                name=desc,
+                synonyms=tuple(terms),
+                definition="; ".join(i for i in includes if i),
+            )
+        )
+        mentions.extend(Query(mention=t, gold=code) for t in terms)
     return concepts, mentions
 
 
