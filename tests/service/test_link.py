@@ -451,3 +451,26 @@ def test_no_match_below_must_be_a_probability(tmp_path) -> None:
 
     with pytest.raises(ValidationError, match="no_match_below"):
         service_settings(tmp_path, no_match_below=1.5)
+
+
+def test_an_unreadable_calibration_serves_without_one(caplog) -> None:
+    """A version whose metrics hold a broken calibration still loads and serves
+    (confidence null), and says so in the log; a good one is read as stored."""
+    from dataclasses import replace as dc_replace
+    from datetime import UTC, datetime
+
+    from kronlink.registry import ArtifactInfo, VersionInfo, VersionState
+    from service.holder import calibrator_of
+
+    v = VersionInfo(
+        id=3, lineage="main", number=2, parent_id=None, task_id=None,
+        state=VersionState("active"), method="none", lambdas={},
+        metrics={"calibration": {"kind": "platt", "params": {"a": 1.0}}},
+        artifact=ArtifactInfo("file:///x", "0" * 64, 1), job_id=None,
+        created_at=datetime.now(UTC), activated_at=None,
+    )  # fmt: skip
+    assert calibrator_of(v) is None
+    assert "unreadable calibration" in caplog.text
+    assert calibrator_of(dc_replace(v, metrics={})) is None
+    good = calibrator_of(dc_replace(v, metrics=CALIBRATED))
+    assert good is not None and good.kind == "temperature" and good.params == {"t": 2.0}
