@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+THRESHOLDS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7, 0.9)
 
 
 def _run(text: str) -> tuple[str, Path, Path]:
@@ -36,7 +36,7 @@ def _run(text: str) -> tuple[str, Path, Path]:
     return name, Path(task), Path(model)
 
 
-def measure(out: Path, runs: list[tuple[str, Path, Path]]) -> None:
+def measure(out: Path, runs: list[tuple[str, Path, Path]], made_by: list[str]) -> None:
     from kronlink.calibration import (
         Calibrator,
         binary_nll,
@@ -51,6 +51,7 @@ def measure(out: Path, runs: list[tuple[str, Path, Path]]) -> None:
     from kronlink.settings import DEFAULT_EXACT_MARGIN
 
     record: dict = {"loadavg_before": os.getloadavg(), "exact_margin": DEFAULT_EXACT_MARGIN}
+    record["made_by"] = made_by  # how the tasks and models were made
     record["tasks"] = {}
     for name, task_dir, model_dir in runs:
         task = load_task(task_dir)
@@ -127,7 +128,7 @@ def report(path: Path, png: Path | None) -> None:
         )
     print(
         "\nPrecision/coverage on test (answer only where the calibrated confidence >= "
-        "`no_match_below`):\n"
+        "`no_match_below`;\nprecision is 1.000 by definition when nothing is answered):\n"
     )
     names = list(tasks)
     print("| no_match_below | " + " | ".join(f"{n} coverage | {n} precision" for n in names) + " |")
@@ -135,7 +136,7 @@ def report(path: Path, png: Path | None) -> None:
     rows = zip(*(tasks[n]["test"]["precision_coverage"] for n in names), strict=True)
     for group in rows:
         cells = " | ".join(f"{r['coverage']:.3f} | {r['precision']:.3f}" for r in group)
-        print(f"| {group[0]['threshold']:.1f} | {cells} |")
+        print(f"| {group[0]['threshold']:.2f} | {cells} |")
     if png is None:
         return
     import matplotlib
@@ -158,8 +159,16 @@ def report(path: Path, png: Path | None) -> None:
                 marker=mark,
                 label=f"{label}, ECE {te[f'ece_{key}']:.3f}",
             )
+            for b in bins:  # a bin of 1 query is one coin: show how many each holds
+                ax.annotate(
+                    str(b["count"]),
+                    (b["confidence"], b["accuracy"]),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                )
         ax.set_title(f"{n}: test, n={te['n']}")
-        ax.set_xlabel("confidence (mean per equal-width bin)")
+        ax.set_xlabel("confidence (mean per equal-width bin; numbers: queries in the bin)")
         ax.set_ylabel("top-1 right (share)")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -176,12 +185,13 @@ def main() -> int:
     m = sub.add_parser("measure")
     m.add_argument("out", type=Path)
     m.add_argument("--run", action="append", type=_run, required=True)
+    m.add_argument("--made-by", action="append", default=[], help="a command, kept in the record")
     r = sub.add_parser("report")
     r.add_argument("record", type=Path)
     r.add_argument("--png", type=Path)
     a = p.parse_args()
     if a.cmd == "measure":
-        measure(a.out, a.run)
+        measure(a.out, a.run, a.made_by)
     else:
         report(a.record, a.png)
     return 0
