@@ -149,3 +149,27 @@ def test_precision_coverage_by_hand() -> None:
         assert row["coverage"] == pytest.approx(len(answered) / 300)
         exp = sum(y[i] for i in answered) / len(answered) if answered else 1.0
         assert row["precision"] == pytest.approx(exp)
+
+
+def test_platt_stays_monotone_when_dev_fits_a_negative_slope() -> None:
+    """Data where a larger margin means a wrong answer: the unconstrained fit
+    has a negative margin slope; the calibrator fixes it at 0 and refits the
+    log_p1 slope alone, so a surer top answer never gets a lower confidence."""
+    from kronlink.calibration import _features, _fit
+
+    rng = np.random.default_rng(7)
+    rows = _rows(rng, 2000)
+    x = _features(rows)
+    truth = 1 / (1 + np.exp(-(3.0 * x[:, 0] - 0.3 * x[:, 1] + 0.5)))
+    y = rng.random(2000) < truth
+    free = fit_logistic(x, y)
+    assert free[1] < 0  # the unconstrained fit would penalise a large margin
+    cal = _fit("platt", rows, y)
+    assert cal.params["b"] == 0.0 and cal.params["a"] > 0
+    alone = fit_logistic(x[:, :1], y)
+    assert cal.params["a"] == pytest.approx(alone[0]) and cal.params["c"] == pytest.approx(alone[1])
+    # both slopes negative: a constant, the dev accuracy
+    flat = _fit("platt", rows, ~((x[:, 0] > -1) | (x[:, 1] > 2)))
+    assert flat.params["a"] == flat.params["b"] == 0.0
+    mean = float(np.mean(~((x[:, 0] > -1) | (x[:, 1] > 2))))
+    assert flat.top_probability(rows[0]) == pytest.approx(mean)
