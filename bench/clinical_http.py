@@ -39,6 +39,9 @@ def main() -> int:
                         "name": top["name"],
                         "version": body["model_version"],
                         "ok": accepted(top["id"], codes),
+                        # the version's calibrated P(top-1 right); null for an uncalibrated one
+                        "confidence": body.get("confidence"),
+                        "no_match": body.get("no_match"),
                         # the next answers too, to tell a ranking miss from a retrieval miss
                         "top5": [
                             [x["id"], x["name"], round(x["probability"], 4)]
@@ -47,6 +50,11 @@ def main() -> int:
                     }
                 )
             record[onto] = {"correct": sum(r["ok"] for r in rows), "n": len(rows), "rows": rows}
+            for key, ok in (("mean_confidence_right", True), ("mean_confidence_wrong", False)):
+                cs = [
+                    r["confidence"] for r in rows if r["ok"] is ok and r["confidence"] is not None
+                ]
+                record[onto][key] = sum(cs) / len(cs) if cs else None
             print(f"{onto}: {record[onto]['correct']} / {len(rows)} top-1 accepted")
     record["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
     args.out.parent.mkdir(parents=True, exist_ok=True)

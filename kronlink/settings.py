@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     # (kronlink/ranking.py; issue 12 item 3). Serving and the update job's
     # evaluation apply it; 0 turns it off (the model alone).
     exact_margin: float = Field(default=DEFAULT_EXACT_MARGIN, ge=0)
+    # /v1/link answers "no_match": true when the served version's calibrated
+    # probability that its top answer is right (kronlink/calibration.py, fitted
+    # on dev by the update job) is below this. 0: never (the default); a version
+    # without a calibration never answers no-match either.
+    no_match_below: float = Field(default=0.0, ge=0, le=1)
     # The update job's gate also refuses a version whose dev top-1 is below the
     # retriever's own dev top-1 (issue 12, item 3). Off by default: the demo's
     # reduced version 1 is below BM25 today, and turning it on would refuse it.

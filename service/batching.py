@@ -47,11 +47,32 @@ from service.metrics import Metrics
 from service.ontologies import OntologyIndex
 from service.problems import ProblemError
 
-__all__ = ["LinkItem", "MicroBatcher", "rank_items"]
+__all__ = ["Answer", "LinkItem", "MicroBatcher", "rank_items"]
 
 log = logging.getLogger(__name__)
 
-Ranked = list[dict[str, Any]]
+
+class Answer(list[dict[str, Any]]):
+    """One query's ranked candidates, best first, plus the no-match decision.
+
+    A list, so that every path that serialises ``results`` as a list (the
+    routes, service/fastlink.py) keeps working; ``confidence`` and
+    ``no_match`` ride along as attributes for the paths that report them.
+
+    ``confidence``: the version's calibrated probability that the top answer
+    is right (kronlink.calibration), None when the version has no calibration.
+    ``no_match``: ``confidence`` is below the ``no_match_below`` setting.
+    """
+
+    confidence: float | None = None
+    no_match: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        """The answer's JSON members: results, confidence, no_match."""
+        return {"results": self, "confidence": self.confidence, "no_match": self.no_match}
+
+
+Ranked = Answer
 
 
 @dataclass(frozen=True)
@@ -75,13 +96,21 @@ class _Work:
 
 
 def rank_items(
-    model: LoadedModel, items: Sequence[LinkItem], max_size: int, exact_margin: float = 0.0
+    model: LoadedModel,
+    items: Sequence[LinkItem],
+    max_size: int,
+    exact_margin: float = 0.0,
+    no_match_below: float = 0.0,
 ) -> list[Ranked]:
     """Generate missing candidates, score in chunks of ``max_size``, rank.
 
     Runs in the model thread. Ties keep the candidates' input order.
     ``exact_margin``: the exact-name prior (kronlink.ranking); a generated
     candidate also counts as exact when the retriever matched a stored synonym.
+    ``no_match_below``: an answer whose calibrated confidence (over all its
+    candidates, before ``top_k``) is below it is marked ``no_match``; 0 never.
+    The decision is made here, where scores become answers, so every path
+    that ranks through this function answers alike.
     """
     cands: list[tuple[Candidate, ...] | None] = [it.candidates for it in items]
     exact_ids: list[frozenset[str] | None] = [None] * len(items)
@@ -117,23 +146,26 @@ def rank_items(
             )
         )
     out: list[Ranked] = []
+    cal = model.calibrator
     for it, q, (scores, probs) in zip(items, queries, scored, strict=True):
         order = sorted(range(len(scores)), key=lambda j: -scores[j])
+        confidence = cal.top_probability(scores) if cal is not None else None
         if it.top_k is not None:
             order = order[: it.top_k]
         cs = q.candidates or ()
-        out.append(
-            [
-                {
-                    "id": cs[j].id,
-                    "name": cs[j].name,
-                    "score": scores[j],
-                    "probability": probs[j],
-                    "rank": r,
-                }
-                for r, j in enumerate(order, start=1)
-            ]
+        answer = Answer(
+            {
+                "id": cs[j].id,
+                "name": cs[j].name,
+                "score": scores[j],
+                "probability": probs[j],
+                "rank": r,
+            }
+            for r, j in enumerate(order, start=1)
         )
+        answer.confidence = confidence
+        answer.no_match = confidence is not None and confidence < no_match_below
+        out.append(answer)
     return out
 
 
@@ -151,9 +183,11 @@ class MicroBatcher:
         queue_max: int,
         queue_max_s: float = float("inf"),
         exact_margin: float = 0.0,
+        no_match_below: float = 0.0,
     ) -> None:
         self.holder = holder
         self._exact_margin = exact_margin  # kronlink.ranking's exact-name prior
+        self._no_match_below = no_match_below  # kronlink.calibration; 0: never
         self._executor = executor
         self._metrics = metrics
         self._max_size = max_size
@@ -287,7 +321,13 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             ranked = await loop.run_in_executor(
-                self._executor, rank_items, model, items, self._max_size, self._exact_margin
+                self._executor,
+                rank_items,
+                model,
+                items,
+                self._max_size,
+                self._exact_margin,
+                self._no_match_below,
             )
         except Exception:
             if len(batch) == 1:

@@ -35,13 +35,14 @@ from pathlib import Path
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from kronlink.calibration import Calibrator
 from kronlink.data.schema import Candidate, Query
 from kronlink.models import Ranker, load_ranker, masked_log_softmax
 from kronlink.ranking import rank_scores
 from kronlink.registry import ArtifactStore, VersionInfo, active_version
 from service.metrics import Metrics
 
-__all__ = ["LoadFailure", "LoadedModel", "ModelHolder", "load_version"]
+__all__ = ["LoadFailure", "LoadedModel", "ModelHolder", "calibrator_of", "load_version"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class LoadedModel:
 
     version: VersionInfo
     ranker: Ranker
+    # P(top-1 right), from the version's metrics["calibration"]; None: an older
+    # version without one (it answers with no calibrated probability)
+    calibrator: Calibrator | None = None
 
     def score(
         self,
@@ -98,6 +102,24 @@ class LoadFailure:
     monotonic: float
 
 
+def calibrator_of(version: VersionInfo) -> Calibrator | None:
+    """The version's own calibration, or None when it has none or it is
+    unreadable (logged: the model still serves, without a calibrated probability)."""
+    record = (version.metrics or {}).get("calibration")
+    if record is None:
+        return None
+    try:
+        return Calibrator.from_dict(record)
+    except (ValueError, TypeError) as exc:
+        log.warning(
+            "version %s (id %s): unreadable calibration, serving without one: %s",
+            version.number,
+            version.id,
+            exc,
+        )
+        return None
+
+
 def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> LoadedModel:
     """Fetch a version's model folder (checksum verified), load it and warm it up."""
     art = version.artifact
@@ -109,7 +131,7 @@ def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> Loa
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the weights are in memory now
     ranker.eval()
-    model = LoadedModel(version=version, ranker=ranker)
+    model = LoadedModel(version=version, ranker=ranker, calibrator=calibrator_of(version))
     model.score(_WARM_QUERIES)  # first-call costs (allocator, lazy init) are paid here
     return model
 

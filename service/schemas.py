@@ -88,13 +88,29 @@ class RankedConcept(BaseModel):
     rank: int = Field(ge=1, description="1 is the best")
 
 
+_CONFIDENCE = (
+    "the served version's calibrated probability that the top result is right, fitted "
+    "on its dev split with queries whose right concept was not among the candidates "
+    "counted as wrong (docs/service.md, 'No match'); null for a version without one"
+)
+_NO_MATCH = (
+    "true when confidence is below the service's no_match_below setting: the right "
+    "concept is probably not among the results. The results are still listed, best "
+    "first, as suggestions; do not take results[0] as the answer"
+)
+
+
 class LinkResponse(BaseModel):
     model_version: VersionRef
     results: list[RankedConcept] = Field(description="best first")
+    confidence: float | None = Field(description=_CONFIDENCE)
+    no_match: bool = Field(description=_NO_MATCH)
 
 
 class LinkBatchResult(BaseModel):
     results: list[RankedConcept]
+    confidence: float | None = Field(description=_CONFIDENCE)
+    no_match: bool = Field(description=_NO_MATCH)
 
 
 class LinkBatchResponse(BaseModel):

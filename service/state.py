@@ -121,6 +121,7 @@ class ServiceState:
                 queue_max=s.batch_queue_max,
                 queue_max_s=s.batch_queue_max_ms / 1000,
                 exact_margin=s.exact_margin,
+                no_match_below=s.no_match_below,
             )
             batcher.start()
             self.batchers[lineage] = batcher

@@ -302,3 +302,57 @@ def test_cli_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     # replay is refused with a clear message and exit code 2
     assert main([*argv[:7], "--method", "replay", *argv[9:]]) == 2
     assert "never keeps" in capsys.readouterr().err
+
+
+def test_update_calibrates_on_dev_end_to_end_gold_absent_counts_as_wrong() -> None:
+    """The version's calibration is the one fitted on dev's top answers, where a
+    dev query whose gold is not among its candidates is a wrong answer."""
+    from kronlink.calibration import Calibrator, expected_calibration_error, fit_calibrator
+    from kronlink.evaluation import score_queries
+
+    base = _task(n_train=64)
+    rng = random.Random(9)
+    queries = []
+    for q in base.queries:
+        if q.split in ("dev", "test"):
+            for _ in range(2):  # 64 per split; every second one misses its gold
+                if len(queries) % 2:
+                    others = [n for n in NAMES if n != q.gold]
+                    cands = tuple(Candidate(c, c) for c in rng.sample(others, 4))
+                    queries.append(replace(q, candidates=cands))
+                else:
+                    queries.append(q)
+        else:
+            queries.append(q)
+    task = replace(base, queries=tuple(queries))
+    res = run_update(_model(), [], task, UpdateRequest(train=FAST))
+    cal = res.calibration
+    assert cal is not None and cal["kind"] in ("temperature", "platt")
+    assert cal["info"]["n_dev"] == 64
+    assert res.summary()["calibration"] == cal
+    dev = task.split("dev")
+    scored = score_queries(res.model, dev)
+    rows = [[s for _, s, _ in c] for c in scored]
+    right = [max(c, key=lambda x: x[1])[0] == q.gold for q, c in zip(dev, scored, strict=True)]
+    assert sum(right) <= 33  # half the gold answers are not there to be found
+    again = fit_calibrator(rows, right)
+    assert again.kind == cal["kind"]
+    for k, v in again.params.items():
+        assert cal["params"][k] == pytest.approx(v, rel=1e-9)
+    # the raw softmax is far more confident than the answers are right
+    raw = Calibrator("identity").many(rows).mean()
+    fitted = Calibrator.from_dict(cal).many(rows).mean()
+    assert raw > sum(right) / len(right) + 0.05
+    assert fitted == pytest.approx(sum(right) / len(right), abs=0.08)
+    # the test split's ECE before and after, as recorded, recomputed here
+    test = task.split("test")
+    t_scored = score_queries(res.model, test)
+    t_rows = [[s for _, s, _ in c] for c in t_scored]
+    t_right = [max(c, key=lambda x: x[1])[0] == q.gold for q, c in zip(test, t_scored, strict=True)]
+    ece = cal["info"]["test_ece"]
+    assert ece["softmax"] == pytest.approx(
+        expected_calibration_error(Calibrator("identity").many(t_rows), t_right), abs=1e-6
+    )
+    assert ece["calibrated"] == pytest.approx(
+        expected_calibration_error(Calibrator.from_dict(cal).many(t_rows), t_right), abs=1e-6
+    )

@@ -303,6 +303,8 @@ class UpdateSteps:
             ),
             "selection": summary["selection"],
             "timings": summary["timings"],
+            # P(top-1 right), fitted on dev; the service reads it from here
+            "calibration": summary.get("calibration"),
         }
 
     def commit(self, s: Session) -> Ending | None:

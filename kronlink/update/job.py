@@ -34,10 +34,11 @@ from dataclasses import replace
 
 from torch import Tensor
 
+from kronlink.calibration import Calibrator, expected_calibration_error, fit_calibrator
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.schema import SPLITS, Query, Task
 from kronlink.errors import CheckpointError, ConfigError, DataFormatError
-from kronlink.evaluation import Metrics, evaluate
+from kronlink.evaluation import Metrics, evaluate, score_queries
 from kronlink.models.base import Ranker
 from kronlink.penalties import build_penalty, predicted_forgetting
 from kronlink.training import Progress, TrainConfig, TrainResult, train
@@ -98,6 +99,7 @@ class _Job:
         self.lambdas: list[float] = []
         self.reused = False
         self.train_result: TrainResult | None = None
+        self.calibration: dict | None = None
         self._current = "validate"
 
     # ---- driver ---------------------------------------------------------
@@ -121,6 +123,7 @@ class _Job:
                 state = self._curvature()
             with self._phase("evaluate"):
                 test, dev, forgetting, passed = self._evaluate()
+                self.calibration = self._calibrate()
         except UpdateStopped:
             self._restore()
             self.timings["total"] = time.perf_counter() - t_all
@@ -146,6 +149,7 @@ class _Job:
             reused_selection_run=self.reused,
             train_result=self.train_result,
             gate_message=getattr(self, "gate_message", ""),
+            calibration=self.calibration,
         )
 
     @property
@@ -345,6 +349,40 @@ class _Job:
             )
         )
         return test, dev, forgetting, passed
+
+    def _calibrate(self) -> dict | None:
+        """P(top-1 right) fitted on dev, end to end: a dev query whose gold is not
+        among its candidates counts as wrong (kronlink.calibration). The test
+        split's ECE before and after is recorded beside it. None (logged) when
+        dev cannot be calibrated against (too small, or all right/all wrong):
+        the version then serves without a calibrated probability."""
+        size, margin = self.req.eval_batch_size, self.req.exact_margin
+        rows, right = {}, {}
+        for split in ("dev", "test"):
+            scored = score_queries(
+                self.model, self.splits[split], batch_size=size, exact_margin=margin
+            )
+            rows[split] = [[s for _, s, _ in cands] for cands in scored]
+            right[split] = [
+                bool(cands) and max(cands, key=lambda c: c[1])[0] == q.gold
+                for q, cands in zip(self.splits[split], scored, strict=True)
+            ]
+        try:
+            cal = fit_calibrator(rows["dev"], right["dev"])
+        except ValueError as exc:
+            log.warning("no calibration for this version: %s", exc)
+            return None
+        raw = Calibrator("identity").many(rows["test"])
+        info = dict(cal.info)
+        info["test_ece"] = {
+            "bins": 10,
+            "binning": "equal-width",
+            "softmax": round(expected_calibration_error(raw, right["test"]), 6),
+            "calibrated": round(
+                expected_calibration_error(cal.many(rows["test"]), right["test"]), 6
+            ),
+        }
+        return Calibrator(cal.kind, cal.params, info).as_dict()
 
     def _curvature(self) -> TaskState:
         queries = self.splits["train"]

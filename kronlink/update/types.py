@@ -223,6 +223,8 @@ class UpdateResult:
     reused_selection_run: bool = False  # final weights are the chosen "auto" run's
     train_result: TrainResult | None = None
     gate_message: str = ""  # why the gate failed; "" when it passed
+    # kronlink.calibration.Calibrator.as_dict(), fitted on dev; None: not calibrated
+    calibration: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -242,4 +244,5 @@ class UpdateResult:
             "predicted_forgetting": self.predicted_forgetting,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "new_state_stats": dict(self.new_state.stats) if self.new_state else None,
+            "calibration": self.calibration,
         }

@@ -78,7 +78,7 @@ def link_router(settings: Settings) -> APIRouter:
         lineage = _lineage(state, body.lineage, "body.lineage")
         item = await _item(state, body, "body")
         version, ranked = await state.batchers[lineage].submit([item])
-        return JSONResponse({"model_version": _ref(version), "results": ranked[0]})
+        return JSONResponse({"model_version": _ref(version), **ranked[0].fields()})
 
     @router.post(
         "/v1/link/batch",
@@ -92,8 +92,6 @@ def link_router(settings: Settings) -> APIRouter:
         lineage = _lineage(state, body.lineage, "body.lineage")
         items = [await _item(state, it, f"body.items[{i}]") for i, it in enumerate(body.items)]
         version, ranked = await state.batchers[lineage].submit(items)
-        return JSONResponse(
-            {"model_version": _ref(version), "items": [{"results": r} for r in ranked]}
-        )
+        return JSONResponse({"model_version": _ref(version), "items": [r.fields() for r in ranked]})
 
     return router

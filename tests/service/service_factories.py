@@ -72,6 +72,7 @@ def register_version(
     task: str = "alpha",
     ontology: str = "toy",
     activate: bool = True,
+    metrics: dict | None = None,
 ) -> VersionInfo:
     """A tiny CNN ranker as the worker registers one: an atomic artifact put,
     then the version (and its task and ontology, with the concepts file) in
@@ -104,7 +105,7 @@ def register_version(
             artifact=art,
             parent_id=parent.id if parent else None,
             task_id=task_id,
-            metrics={"test": {"accuracy": 0.5}},
+            metrics=metrics if metrics is not None else {"test": {"accuracy": 0.5}},
             actor="test",
         )
         if activate:

@@ -377,3 +377,100 @@ def test_a_full_queue_answers_429_and_the_queued_requests_complete(tmp_path) -> 
         assert [f.result().status_code for f in [first, *queued]] == [200] * 5
         assert 'kronlink_link_rejected_total{lineage="main"} 1.0' in c.get("/metrics").text
     reg.factory.kw["bind"].dispose()
+
+
+# -- "no match" (issue 12, item 4) ----------------------------------------------
+# temperature 2: the confidence is the top candidate's softmax at half the scores
+CALIBRATED = {
+    "test": {"accuracy": 0.5},
+    "calibration": {"kind": "temperature", "params": {"t": 2.0}, "info": {}},
+}
+
+
+def _confidence_by_hand(results: list[dict]) -> float:
+    import math
+
+    z = [x["score"] / 2.0 for x in results]
+    top = max(z)
+    return 1.0 / sum(math.exp(v - top) for v in z)
+
+
+@pytest.mark.parametrize("below", [0.0, 0.2, 0.999])
+def test_link_reports_calibrated_confidence_and_no_match_below_the_setting(
+    tmp_path, below: float
+) -> None:
+    reg = make_registry(service_settings(tmp_path, no_match_below=below))
+    register_version(reg.factory, reg.store, seed=1, metrics=CALIBRATED)
+    try:
+        app = create_app(reg.settings, enqueue=reg.sent.append)
+        with live_server(app) as live, live.client() as c:
+            wait_until(lambda: c.get("/readyz").status_code == 200)
+            body = c.post("/v1/link", json={"mention": "t2dm", "candidates": CANDS}).json()
+            conf = _confidence_by_hand(body["results"])
+            assert body["confidence"] == pytest.approx(conf, rel=1e-6)
+            assert 1 / 3 < conf < 0.999  # three candidates, none certain
+            assert body["no_match"] is (conf < below)
+            assert len(body["results"]) == 3  # still listed on a no-match
+            # top_k cuts the list, not the evidence the confidence is made of
+            one = c.post(
+                "/v1/link", json={"mention": "t2dm", "candidates": CANDS, "top_k": 1}
+            ).json()
+            assert one["confidence"] == pytest.approx(conf, rel=1e-6)
+            assert one["no_match"] is body["no_match"] and len(one["results"]) == 1
+            batch = c.post(
+                "/v1/link/batch",
+                json={"items": [{"mention": "t2dm", "candidates": CANDS}] * 2},
+            ).json()
+            for item in batch["items"]:
+                assert item["confidence"] == pytest.approx(conf, rel=1e-6)
+                assert item["no_match"] is body["no_match"]
+    finally:
+        reg.factory.kw["bind"].dispose()
+
+
+def test_a_version_without_calibration_serves_as_before_even_with_a_threshold(
+    tmp_path,
+) -> None:
+    reg = make_registry(service_settings(tmp_path, no_match_below=0.999))
+    register_version(reg.factory, reg.store, seed=1)  # metrics without "calibration"
+    try:
+        app = create_app(reg.settings, enqueue=reg.sent.append)
+        with live_server(app) as live, live.client() as c:
+            wait_until(lambda: c.get("/readyz").status_code == 200)
+            body = c.post("/v1/link", json={"mention": "t2dm", "candidates": CANDS}).json()
+            assert body["confidence"] is None and body["no_match"] is False
+            assert len(body["results"]) == 3
+            schema = c.get("/openapi.json").json()["components"]["schemas"]
+            assert {"confidence", "no_match"} <= set(schema["LinkResponse"]["properties"])
+    finally:
+        reg.factory.kw["bind"].dispose()
+
+
+def test_no_match_below_must_be_a_probability(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="no_match_below"):
+        service_settings(tmp_path, no_match_below=1.5)
+
+
+def test_an_unreadable_calibration_serves_without_one(caplog) -> None:
+    """A version whose metrics hold a broken calibration still loads and serves
+    (confidence null), and says so in the log; a good one is read as stored."""
+    from dataclasses import replace as dc_replace
+    from datetime import UTC, datetime
+
+    from kronlink.registry import ArtifactInfo, VersionInfo, VersionState
+    from service.holder import calibrator_of
+
+    v = VersionInfo(
+        id=3, lineage="main", number=2, parent_id=None, task_id=None,
+        state=VersionState("active"), method="none", lambdas={},
+        metrics={"calibration": {"kind": "platt", "params": {"a": 1.0}}},
+        artifact=ArtifactInfo("file:///x", "0" * 64, 1), job_id=None,
+        created_at=datetime.now(UTC), activated_at=None,
+    )  # fmt: skip
+    assert calibrator_of(v) is None
+    assert "unreadable calibration" in caplog.text
+    assert calibrator_of(dc_replace(v, metrics={})) is None
+    good = calibrator_of(dc_replace(v, metrics=CALIBRATED))
+    assert good is not None and good.kind == "temperature" and good.params == {"t": 2.0}

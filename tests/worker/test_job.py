@@ -66,6 +66,9 @@ def test_bootstrap_then_update_keeps_no_data(ctx: JobContext, settings: Settings
     assert v2.lambdas == {"alpha": 10.0} and "alpha" in v2.metrics["predicted_forgetting"]
     # The ranker kind, which the Ω calibration is looked up by (kronlink.omega_scale).
     assert v2.metrics["ranker"] == TINY_RANKER["kind"] == "cnn"
+    # 8 dev queries are too few to calibrate on (at least 10): recorded as None,
+    # and the service then serves this version without a confidence
+    assert "calibration" in v2.metrics and v2.metrics["calibration"] is None
     assert len(states) == 2
     for st in states:
         ctx.store.verify(ctx.store.key_of(st.artifact.uri), st.artifact.sha256)
