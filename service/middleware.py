@@ -130,21 +130,9 @@ class RequestMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             await self._too_large(scope, send, f"declares {int(declared)} bytes")
             return None
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return _no_receive  # disconnected: the route sees it, as before
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await self._too_large(scope, send, f"is over {self.max_body} bytes")
-                return None
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await self._read(receive, scope, send)
+        if not isinstance(body, bytes):
+            return body
         if self._fast is None:
             self._fast = self._fast_factory() if self._fast_factory else None
         if self._fast is not None:
@@ -175,16 +163,7 @@ class RequestMiddleware:
                 )
                 await send({"type": "http.response.body", "body": payload})
                 return None
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        return _replay(body, receive)
 
     async def _limited(
         self, headers: dict[bytes, bytes], receive: Receive, scope: Scope, send: Send
@@ -200,13 +179,19 @@ class RequestMiddleware:
             return receive
         if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return receive
+        body = await self._read(receive, scope, send)
+        return _replay(body, receive) if isinstance(body, bytes) else body
+
+    async def _read(self, receive: Receive, scope: Scope, send: Send) -> bytes | Receive | None:
+        """The whole body, up to the limit; None when answered with 413; a
+        ``receive`` that reports the disconnect when the client left."""
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                return receive  # disconnected: let the app see it
+                return _no_receive  # disconnected: let the app see it
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -214,17 +199,7 @@ class RequestMiddleware:
                 return None
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        return b"".join(chunks)
 
     async def _too_large(self, scope: Scope, send: Send, what: str) -> None:
         exc = ProblemError(
@@ -240,6 +215,20 @@ class RequestMiddleware:
 
         response = problem_response(Request(scope), exc)
         await response(scope, _no_receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` that gives the app the body already read, then the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _no_receive() -> dict[str, Any]:
