@@ -300,7 +300,7 @@ def service_point(
     queries = after.get("kronlink_link_batch_size_sum", 0) - before.get(
         "kronlink_link_batch_size_sum", 0
     )
-    # with --workers N each process has its own metrics: these describe whichever answered
+    # with --workers N: sums over the processes (Prometheus multiprocess mode)
     model_s = after.get("kronlink_link_batch_seconds_sum", 0) - before.get(
         "kronlink_link_batch_seconds_sum", 0
     )
