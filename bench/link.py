@@ -15,7 +15,11 @@ registry, starts ``kronlink serve`` as a child process, and measures:
 - in-process (the limit), while the server idles: the served code path
   (``rank_items``: candidates, encode, forward, softmax, ranking) on batches
   of C queries back to back. Queries/s = C / batch time; a query's latency is
-  its batch's time."""
+  its batch's time.
+
+On a shared machine the load changes within a run: ``--rounds R`` measures
+each level R times, service and in-process alternating, and the row keeps
+the round of median ratio (every round's ratio is in the record)."""
 
 from __future__ import annotations
 
@@ -296,7 +300,7 @@ def service_point(
     queries = after.get("kronlink_link_batch_size_sum", 0) - before.get(
         "kronlink_link_batch_size_sum", 0
     )
-    # with --workers N each process has its own metrics: these describe whichever answered
+    # with --workers N: sums over the processes (Prometheus multiprocess mode)
     model_s = after.get("kronlink_link_batch_seconds_sum", 0) - before.get(
         "kronlink_link_batch_seconds_sum", 0
     )
@@ -315,7 +319,8 @@ def start_server(
         "KRONLINK_DATA_DIR": str(data),
         "KRONLINK_ADMIN_TOKEN": ADMIN,
         "KRONLINK_LOG_FORMAT": "text",
-        "PYTHONPATH": str(REPO),
+        # this checkout first; what the caller adds (an extra site folder) after
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         "HF_HUB_OFFLINE": "1",
         **env_extra,
     }
@@ -382,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch-wait-ms", type=float, help="KRONLINK_BATCH_MAX_WAIT_MS for the server")
     p.add_argument("--queue-max-ms", type=float, help="KRONLINK_BATCH_QUEUE_MAX_MS for the server")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="service and in-process alternate this often a level"
+    )
+    p.add_argument(
+        "--route-only",
+        action="store_true",
+        help="KRONLINK_LINK_FAST_PATH=false: every request through FastAPI's route",
+    )
     p.add_argument("--short", action="store_true", help="CNN, 1 and 8 clients, 3 s a point")
     p.add_argument("--json", help="also write the record here (bench/link_table.py reads it)")
     args = p.parse_args(argv)
@@ -409,27 +422,35 @@ def main(argv: list[str] | None = None) -> int:
             extra["KRONLINK_BATCH_MAX_WAIT_MS"] = str(args.batch_wait_ms)
         if args.queue_max_ms is not None:
             extra["KRONLINK_BATCH_QUEUE_MAX_MS"] = str(args.queue_max_ms)
+        if args.route_only:
+            extra["KRONLINK_LINK_FAST_PATH"] = "false"
         server = start_server(data, port, args.workers, extra)
         try:
             for c in levels:
-                svc = service_point(
-                    server,
-                    port,
-                    c,
-                    args.duration,
-                    args.warmup,
-                    args.candidates,
-                    bm25=bm25,
-                    client=args.client,
-                )
-                ref = in_process(data, c, args.duration, args.candidates, bm25)
-                rows.append(("/v1/link", c, 1, svc, ref))
-                print(
-                    f"  {c:>3} clients: service {svc.qps:8.1f} q/s, in-process {ref.qps:8.1f} q/s"
-                    f", 429s {svc.rejected}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                rounds = []
+                for _ in range(args.rounds):
+                    svc = service_point(
+                        server,
+                        port,
+                        c,
+                        args.duration,
+                        args.warmup,
+                        args.candidates,
+                        bm25=bm25,
+                        client=args.client,
+                    )
+                    ref = in_process(data, c, args.duration, args.candidates, bm25)
+                    rounds.append((svc, ref, os.getloadavg()[0]))
+                    print(
+                        f"  {c:>3} clients: service {svc.qps:8.1f} q/s, in-process "
+                        f"{ref.qps:8.1f} q/s ({svc.qps / ref.qps:.0%}), 429s {svc.rejected}, "
+                        f"load {rounds[-1][2]:.1f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                by_ratio = sorted(rounds, key=lambda r: r[0].qps / r[1].qps)
+                svc, ref, _ = by_ratio[len(by_ratio) // 2]
+                rows.append(("/v1/link", c, 1, svc, ref, rounds))
             b = args.batch_items
             for c in [] if args.no_batch_route else sorted({1, min(levels[-1], 2)}):
                 svc = service_point(
@@ -444,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.client,
                 )
                 ref = in_process(data, b, args.duration, args.candidates, bm25)
-                rows.append(("/v1/link/batch", c, b, svc, ref))
+                rows.append(("/v1/link/batch", c, b, svc, ref, []))
                 print(
                     f"  batch {c} x {b}: service {svc.qps:8.1f} q/s, in-process {ref.qps:8.1f} q/s",
                     file=sys.stderr,
@@ -466,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         "client": args.client,
         "threads": args.threads,
         "duration_s": args.duration,
+        "rounds": args.rounds,
+        "link_fast_path": not args.route_only,
         "machine": {
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
@@ -480,8 +503,12 @@ def main(argv: list[str] | None = None) -> int:
                 "per_request": per,
                 "service": vars(sv),
                 "in_process": vars(ip),
+                "rounds": [
+                    {"service": vars(a), "in_process": vars(b), "loadavg_1min": la}
+                    for a, b, la in rr
+                ],
             }
-            for r, c, per, sv, ip in rows
+            for r, c, per, sv, ip, rr in rows
         ],
     }
     print(render([record]))

@@ -43,6 +43,17 @@ def cpu_seconds(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _ratio(row: dict[str, Any]) -> str:
+    """The row's service / in-process, and the range over its rounds when there are several."""
+    s, i = row["service"], row["in_process"]
+    text = f"{s['qps'] / i['qps']:.0%}"
+    rounds = row.get("rounds") or []
+    if len(rounds) > 1:
+        rs = [r["service"]["qps"] / r["in_process"]["qps"] for r in rounds]
+        text += f" ({min(rs):.0%}-{max(rs):.0%})"
+    return text
+
+
 def render(records: list[dict[str, Any]]) -> str:
     out = []
     for rec in records:
@@ -52,7 +63,15 @@ def render(records: list[dict[str, Any]]) -> str:
             f"**{rec['model']}**, candidates: {rec['candidates']} from "
             f"{rec['candidates_from']}; {rec['workers']} server process(es), "
             f"{rec.get('client', 'httpx')} clients, "
-            f"{rec['threads']} torch thread(s); {rec['duration_s']:g} s a point; "
+            f"{rec['threads']} torch thread(s); "
+            f"{'lean /v1/link path' if rec.get('link_fast_path') else 'FastAPI route only'}; "
+            f"{rec['duration_s']:g} s a point"
+            + (
+                f", {rec['rounds']} rounds alternating (the row: the round of median ratio)"
+                if rec.get("rounds", 1) > 1
+                else ""
+            )
+            + "; "
             f"{m['cpus']} CPUs, torch {m['torch']}; load average {lb[0]:.1f} before, "
             f"{la[0]:.1f} after (1 min)\n"
         )
@@ -72,7 +91,7 @@ def render(records: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {row['route']} | {c} | {per} | {s['qps']:.1f} | {s['p50_ms']:.1f} "
                 f"| {s['p99_ms']:.1f} | {s.get('rejected', 0)} | {i['qps']:.1f} ({batch}) "
-                f"| {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {s['qps'] / i['qps']:.0%} "
+                f"| {i['p50_ms']:.1f} | {i['p99_ms']:.1f} | {_ratio(row)} "
                 f"| {s['batch']:.1f} | {s['model_ms']:.1f} | {s['cpu_ms']:.2f} | {i['cpu_ms']:.2f} "
                 f"| {s.get('client_cpu_ms', 0):.2f} |"
             )

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # the model's measured rate (a lone request is always queued). A query
     # accepted waits at most about this long plus the batch running when it came.
     batch_queue_max_ms: float = Field(default=1000.0, gt=0)
+    # A well-formed POST /v1/link is answered without FastAPI's request path
+    # (service/fastlink.py); false sends every request down the route (bench/link.py
+    # compares the two).
+    link_fast_path: bool = True
     model_poll_s: float = Field(default=1.0, gt=0)  # how often replicas look for a new version
     model_retry_s: float = Field(default=30.0, gt=0)  # a version that failed to load, again after
     # Limits on what a caller sends (each breach is a 4xx problem, never a 500)

@@ -22,6 +22,7 @@ from kronlink.contract import UpdateMessage
 from kronlink.registry import ArtifactStore
 from kronlink.settings import Settings, get_settings
 from service.dashboard import router as dashboard_router
+from service.fastlink import fast_link
 from service.logs import configure_logging
 from service.middleware import RequestMiddleware
 from service.problems import PROBLEM_JSON, FieldError, Problem, install_handlers
@@ -76,6 +77,9 @@ def create_app(
         metrics=state.metrics,
         max_body=settings.max_request_bytes,
         streams_body=lambda method, path: method == "POST" and path == "/v1/jobs",
+        fast_link=(lambda: fast_link(state) if state.batchers else None)
+        if settings.link_fast_path
+        else None,
     )
     app.include_router(link_router(settings))
     app.include_router(jobs.router)

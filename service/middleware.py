@@ -2,14 +2,17 @@
 limit, the access log and the request metrics.
 
 Pure ASGI (not ``BaseHTTPMiddleware``): it adds no task or copy per request,
-which matters at thousands of /v1/link requests a second.
+which matters at thousands of /v1/link requests a second. For the same
+reason it offers ``POST /v1/link`` to a lean handler first
+(service/fastlink.py): a well-formed request is answered here, anything else
+goes on to the route.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +25,10 @@ __all__ = ["RequestMiddleware"]
 
 log = logging.getLogger("service.access")
 
+FAST_PATH = "/v1/link"
+# (headers, body) -> (status, headers, body), or None to pass the request on
+FastHandler = Callable[[dict[bytes, bytes], bytes], Awaitable[Any]]
+
 
 class RequestMiddleware:
     def __init__(
@@ -31,11 +38,15 @@ class RequestMiddleware:
         metrics: Metrics,
         max_body: int,
         streams_body: Callable[[str, str], bool],
+        fast_link: Callable[[], FastHandler | None] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
         self.streams_body = streams_body  # (method, path): the route limits its own body
+        # built lazily: the handler needs the app's state, which starts with the lifespan
+        self._fast_factory = fast_link
+        self._fast: FastHandler | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,6 +67,7 @@ class RequestMiddleware:
             await send(message)
 
         method, path = scope["method"], scope["path"]
+        label: str | None = None  # set when this middleware answered for a route
         in_progress = self.metrics.in_progress.labels(
             path if path in IN_PROGRESS_PATHS else "other"
         )
@@ -74,7 +86,12 @@ class RequestMiddleware:
                     ),
                 )
                 return
-            if not self.streams_body(method, path):
+            if method == "POST" and path == FAST_PATH and self._fast_factory is not None:
+                label = FAST_PATH
+                receive = await self._try_fast(headers, receive, scope, send_with_id)
+                if receive is None:
+                    return
+            elif not self.streams_body(method, path):
                 receive = await self._limited(headers, receive, scope, send_with_id)
                 if receive is None:
                     return
@@ -82,7 +99,7 @@ class RequestMiddleware:
         finally:
             in_progress.dec()
             route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = getattr(route, "path", None) or label or "unmatched"
             elapsed = time.perf_counter() - start
             code = str(status)
             self.metrics.requests.labels(label, method, code).inc()
@@ -104,6 +121,50 @@ class RequestMiddleware:
                 )
             request_id_var.reset(token)
 
+    async def _try_fast(
+        self, headers: dict[bytes, bytes], receive: Receive, scope: Scope, send: Send
+    ) -> Receive | None:
+        """Answer through the lean handler, or return a ``receive`` that replays
+        the body to the route; None when answered (also a 413 or a problem)."""
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await self._too_large(scope, send, f"declares {int(declared)} bytes")
+            return None
+        body = await self._read(receive, scope, send)
+        if not isinstance(body, bytes):
+            return body
+        if self._fast is None:
+            self._fast = self._fast_factory() if self._fast_factory else None
+        if self._fast is not None:
+            try:
+                answer = await self._fast(headers, body)
+            except ProblemError as exc:  # 429, 503: as the app's handler answers them
+                await self._refuse(scope, send, exc)
+                return None
+            except Exception:
+                logging.getLogger("service.problems").exception(
+                    "internal error on %s %s", scope["method"], scope["path"]
+                )
+                await self._refuse(
+                    scope,
+                    send,
+                    ProblemError(
+                        500,
+                        "internal-error",
+                        "the service failed to answer; the log has the details under "
+                        "this request_id",
+                    ),
+                )
+                return None
+            if answer is not None:
+                status, out_headers, payload = answer
+                await send(
+                    {"type": "http.response.start", "status": status, "headers": out_headers}
+                )
+                await send({"type": "http.response.body", "body": payload})
+                return None
+        return _replay(body, receive)
+
     async def _limited(
         self, headers: dict[bytes, bytes], receive: Receive, scope: Scope, send: Send
     ) -> Receive | None:
@@ -118,13 +179,19 @@ class RequestMiddleware:
             return receive
         if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return receive
+        body = await self._read(receive, scope, send)
+        return _replay(body, receive) if isinstance(body, bytes) else body
+
+    async def _read(self, receive: Receive, scope: Scope, send: Send) -> bytes | Receive | None:
+        """The whole body, up to the limit; None when answered with 413; a
+        ``receive`` that reports the disconnect when the client left."""
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                return receive  # disconnected: let the app see it
+                return _no_receive  # disconnected: let the app see it
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -132,17 +199,7 @@ class RequestMiddleware:
                 return None
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
+        return b"".join(chunks)
 
     async def _too_large(self, scope: Scope, send: Send, what: str) -> None:
         exc = ProblemError(
@@ -158,6 +215,20 @@ class RequestMiddleware:
 
         response = problem_response(Request(scope), exc)
         await response(scope, _no_receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` that gives the app the body already read, then the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _no_receive() -> dict[str, Any]:

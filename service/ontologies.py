@@ -68,6 +68,13 @@ class OntologyIndexes:
         self._cache: OrderedDict[str, OntologyIndex] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def cached(self, name: str) -> OntologyIndex | None:
+        """The index when it is built already (no I/O, no wait), else None."""
+        hit = self._cache.get(name)
+        if hit is not None:
+            self._cache.move_to_end(name)
+        return hit
+
     async def get(self, name: str, loc: str = "body.ontology") -> OntologyIndex:
         hit = self._cache.get(name)
         if hit is not None:
