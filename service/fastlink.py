@@ -177,7 +177,7 @@ def fast_link(state: ServiceState) -> Callable[[dict[bytes, bytes], bytes], Awai
                     "lineage": version.lineage,
                     "number": version.number,
                 },
-                "results": ranked[0],
+                **ranked[0].fields(),
             }
         )
         return (
