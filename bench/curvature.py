@@ -59,9 +59,18 @@ from _peers import PEERS, Pass
 from train_step import synthetic_queries
 
 from kronlink.curvature import CurvatureKind, CurvatureState, TaskState, estimate_curvature
+from kronlink.curvature.state import Rule
 from kronlink.models import build_ranker, ranking_loss
 from kronlink.models.base import RankerBatch
-from kronlink.penalties import build_penalty
+from kronlink.penalties import (
+    KFCPenalty,
+    _exact,
+    _kfc_embedding,
+    _kfc_linear,
+    _kfc_split,
+    _other_terms,
+    build_penalty,
+)
 
 PLAIN = "plain fwd+bwd"
 OURS = {
@@ -69,11 +78,35 @@ OURS = {
     "kronlink kfac+diag": ("kfac", "diag"),
     "kronlink kfac+ekfac+diag": ("kfac", "ekfac", "diag"),
 }
-PENALTIES = ("none", "ewc", "kfc", "ekfac")
+PENALTIES = ("none", "ewc", "kfc", "ekfac", "kfc per layer (before)")
+BEFORE = "kfc per layer (before)"
 LAMBDA = 1e3  # the value does not change the cost
 
 
 # ---- setup shared by all tables ---------------------------------------------
+
+
+class UnfusedKFC(KFCPenalty):
+    """KFC as it was before issue 14: one term per layer, autograd through
+    both products (the same value and gradient, tests/curvature)."""
+
+    def _terms(self, prior: TaskState, to: Callable[[torch.Tensor], torch.Tensor]) -> list:
+        cs = prior.curvature
+        terms = []
+        for name, f in cs.kfac.items():
+            info = cs.layers[name]
+            anchor = {n: to(prior.anchor[n]) for n in info.param_names}
+            if info.rule is Rule.EMBEDDING:
+                terms.append(_kfc_embedding(info.param_names[0], anchor, to(f.A), to(f.G)))
+            elif name in cs.exact:
+                terms.append(_exact(info.param_names, anchor, to(cs.exact[name])))
+            elif name in cs.split:
+                sp = cs.split[name]
+                pairs = [(to(sp.A_mean), to(sp.G_mean)), (to(sp.A_dev), to(sp.G_dev))]
+                terms.append(_kfc_split(info.param_names, anchor, pairs))
+            else:
+                terms.append(_kfc_linear(info.param_names, anchor, to(f.A), to(f.G)))
+        return terms + _other_terms(prior, to)
 
 
 def sync(device: torch.device) -> None:
@@ -275,7 +308,8 @@ def table_steps(args: argparse.Namespace, models: list[str], device: torch.devic
         prior = TaskState.from_model(model, state, {"task": "bench"})
         model.train()
         use_amp = device.type == "cuda"
-        pens = {m: build_penalty(m, [prior], LAMBDA) for m in PENALTIES}
+        pens = {m: build_penalty(m, [prior], LAMBDA) for m in PENALTIES if m != BEFORE}
+        pens[BEFORE] = UnfusedKFC([prior], LAMBDA)
         opts = {m: torch.optim.AdamW(model.parameters(), lr=1e-5) for m in PENALTIES}
         times: dict[str, list[float]] = {m: [] for m in PENALTIES}
         for s in range(args.warmup + args.repeats):
