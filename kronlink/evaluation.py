@@ -7,13 +7,14 @@ candidate generation's misses are the ranker's misses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from kronlink.data.schema import Query
-from kronlink.models.base import Ranker, masked_log_softmax
+from kronlink.models.base import Ranker, RankerBatch, masked_log_softmax
+from kronlink.models.dataset import encoded_queries
 from kronlink.ranking import rank_scores
 
 __all__ = ["Metrics", "evaluate", "metrics_from_ranks", "rank_of_gold", "score_queries"]
@@ -55,6 +56,20 @@ def rank_of_gold(
     return [int(r) for r in ranks.tolist()]
 
 
+def _batches(
+    model: Ranker, queries: Sequence[Query], batch_size: int
+) -> Iterator[tuple[int, RankerBatch]]:
+    """(start, batch on the model's device), from the tokenised-query cache
+    when the ranker supports it (dev sets are scored every epoch)."""
+    data = encoded_queries(model, queries) if queries else None
+    for start in range(0, len(queries), batch_size):
+        if data is not None:
+            batch = data.batch(range(start, min(start + batch_size, len(queries))))
+        else:
+            batch = model.encode(queries[start : start + batch_size])
+        yield start, batch.to(model.device)
+
+
 @torch.no_grad()
 def score_queries(
     model: Ranker,
@@ -69,9 +84,9 @@ def score_queries(
     ``exact_margin``: the exact-name prior (kronlink.ranking); 0 is the model alone."""
     model.eval()
     out: list[list[tuple[str, float, float]]] = []
-    for start in range(0, len(queries), batch_size):
+    for start, batch in _batches(model, queries, batch_size):
         chunk = queries[start : start + batch_size]
-        scores, batch = rank_scores(model, chunk, exact_margin=exact_margin)
+        scores, batch = rank_scores(model, chunk, exact_margin=exact_margin, batch=batch)
         probs = masked_log_softmax(scores, batch.candidate_mask).exp()
         for i, q in enumerate(chunk):
             cands = q.candidates or ()
@@ -101,9 +116,9 @@ def evaluate(
     model.eval()
     ranks: list[int] = []
     try:
-        for start in range(0, len(queries), batch_size):
+        for start, batch in _batches(model, queries, batch_size):
             chunk = queries[start : start + batch_size]
-            scores, batch = rank_scores(model, chunk, exact_margin=exact_margin)
+            scores, batch = rank_scores(model, chunk, exact_margin=exact_margin, batch=batch)
             ranks.extend(rank_of_gold(scores, batch.candidate_mask, batch.labels))
             if on_batch is not None:
                 on_batch(min(start + batch_size, len(queries)), len(queries))

@@ -32,7 +32,9 @@ anchors move there once, on the first call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +146,7 @@ class Penalty:
 
 
 def _delta(params: dict[str, Tensor], anchor: dict[str, Tensor], name: str) -> Tensor:
-    return params[name] - anchor[name]
+    return params[name] - anchor[name] if anchor else params[name]
 
 
 def _live_rows(weight: Tensor) -> Tensor | None:
@@ -246,26 +248,21 @@ class KFCPenalty(Penalty):
     def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
         cs = prior.curvature
         terms: list[_Term] = []
+        quads: list[_Quad] = []
         for name, f in cs.kfac.items():
             info = cs.layers[name]
             anchor = {n: to(prior.anchor[n]) for n in info.param_names}
-            A, G = to(f.A), to(f.G)
             if info.rule is Rule.EMBEDDING:
-                terms.append(_kfc_embedding(info.param_names[0], anchor, A, G))
+                terms.append(_kfc_embedding(info.param_names[0], anchor, to(f.A), to(f.G)))
             elif not self.expand and name in cs.exact:
                 terms.append(_exact(info.param_names, anchor, to(cs.exact[name])))
             elif not self.expand and name in cs.split:
                 sp = cs.split[name]
-                terms.append(
-                    _kfc_split(
-                        info.param_names,
-                        anchor,
-                        [(to(sp.A_mean), to(sp.G_mean)), (to(sp.A_dev), to(sp.G_dev))],
-                    )
-                )
+                pairs = [(to(sp.A_mean), to(sp.G_mean)), (to(sp.A_dev), to(sp.G_dev))]
+                quads.append(_Quad(tuple(info.param_names), anchor, pairs))
             else:
-                terms.append(_kfc_linear(info.param_names, anchor, A, G))
-        return terms + _other_terms(prior, to)
+                quads.append(_Quad(tuple(info.param_names), anchor, [(to(f.A), to(f.G))]))
+        return terms + _grouped_kfc(quads) + _other_terms(prior, to)
 
 
 class KFCExpandPenalty(KFCPenalty):
@@ -322,6 +319,72 @@ def _bar(params: dict[str, Tensor], anchor: dict[str, Tensor], names: Sequence[s
     if len(names) == 1:
         return dw
     return torch.cat([dw, _delta(params, anchor, names[1])[:, None]], dim=1)
+
+
+@dataclass(frozen=True)
+class _Quad:
+    """One layer's ``Σ_k sum(Δ̄ ⊙ (G_k Δ̄ A_k))`` (k = 1: expand, 2: split)."""
+
+    names: tuple[str, ...]
+    anchor: dict[str, Tensor]
+    pairs: list[tuple[Tensor, Tensor]]  # (A, G)
+
+
+def _symmetric(t: Tensor) -> bool:
+    return bool((t - t.mT).abs().max() <= 1e-6 * t.abs().max())
+
+
+class _QuadraticForm(torch.autograd.Function):
+    """``Σ sum(D ⊙ M)`` with ``M = Σ_k G_k D A_k`` per layer of a stack.
+
+    Autograd of the plain expression recomputes both products for the
+    gradient; with symmetric factors the gradient is ``2 M``, which the
+    forward already has: half the products per step (issue 14).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, d: Tensor, G: Tensor, A: Tensor) -> Tensor:
+        M = (G @ d.unsqueeze(1) @ A).sum(1)
+        ctx.save_for_backward(M)
+        return (d * M).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (M,) = ctx.saved_tensors
+        return M * (2 * grad), None, None
+
+
+def _grouped_kfc(quads: Sequence[_Quad]) -> list[_Term]:
+    """One term per group of layers whose Δ̄ and factors have equal shapes
+    (a transformer's layers repeat): one batched product per group instead
+    of one per layer. Operands are stacked here, once per penalty, not per
+    step: the anchors as one (L, q, p̄) tensor, the factors as (L, k, ·, ·)."""
+    groups: dict[tuple, list[_Quad]] = {}
+    for quad in quads:
+        w = quad.anchor[quad.names[0]]
+        key = (w.shape[0], w[0].numel(), len(quad.names), len(quad.pairs))
+        groups.setdefault(key, []).append(quad)
+    terms = []
+    for members in groups.values():
+        names = [m.names for m in members]
+        anchor = torch.stack([_bar(m.anchor, {}, m.names) for m in members])
+        A = torch.stack([torch.stack([a for a, _ in m.pairs]) for m in members])
+        G = torch.stack([torch.stack([g for _, g in m.pairs]) for m in members])
+        fused = _symmetric(A) and _symmetric(G)
+        terms.append(_stacked_term(names, anchor, A, G, fused))
+    return terms
+
+
+def _stacked_term(
+    names: list[tuple[str, ...]], anchor: Tensor, A: Tensor, G: Tensor, fused: bool
+) -> _Term:
+    def term(params: dict[str, Tensor]) -> Tensor:
+        d = torch.stack([_bar(params, {}, n) for n in names]) - anchor
+        if fused:
+            return _QuadraticForm.apply(d, G, A)
+        return (d * (G @ d.unsqueeze(1) @ A).sum(1)).sum()
+
+    return term
 
 
 def _kfc_linear(names: Sequence[str], anchor: dict[str, Tensor], A: Tensor, G: Tensor) -> _Term:

@@ -87,13 +87,18 @@ def rank_scores(
     *,
     exact_margin: float,
     exact_ids: Sequence[Collection[str] | None] | None = None,
+    batch: RankerBatch | None = None,
 ) -> tuple[Tensor, RankerBatch]:
-    """Encode ``queries``, score them with ``model`` and apply the exact-name prior.
+    """Encode ``queries`` (unless ``batch``, their batch already encoded, e.g.
+    from the tokenised-query cache, is given), score them with ``model`` and
+    apply the exact-name prior.
 
     Returns the (B, C) float scores answers are ordered by, and the batch
     (its ``candidate_mask`` and ``labels``). Call under ``torch.no_grad`` or
     ``inference_mode``."""
-    batch = model.encode(queries).to(model.device)
+    if batch is None:
+        batch = model.encode(queries)
+    batch = batch.to(model.device)
     scores = model(batch).float()
     if exact_margin:
         exact = exact_mask(queries, scores.shape[1], exact_ids)

@@ -7,10 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kronlink import training
 from kronlink.data.schema import Candidate, Query
 from kronlink.errors import ConfigError
 from kronlink.evaluation import evaluate
 from kronlink.models import build_ranker
+from kronlink.models.dataset import collate, encoded_queries
 from kronlink.strategies import layer_depths, lrc_param_groups
 from kronlink.training import TrainConfig, train
 
@@ -118,20 +120,42 @@ def test_lrc_rates_fall_by_gamma_towards_the_input() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_replay_mixes_old_queries_into_every_batch() -> None:
+def test_replay_mixes_old_queries_into_every_batch(monkeypatch) -> None:
     model = build_ranker("cnn", tokenizer=None, embedding_dim=8, channels=8, hidden_size=8)
     new, old = _queries(32, 5), [replace(q, mention=f"old {q.mention}") for q in _queries(20, 6)]
-    seen: list[list[str]] = []
-    encode = model.encode
+    old_data = encoded_queries(model, old)
+    seen: list[list[bool]] = []
 
-    def spy(queries):
-        seen.append([q.mention for q in queries])
-        return encode(queries)
+    def spy(picks):
+        seen.append([data is old_data for data, _ in picks])
+        return collate(picks)
 
-    model.encode = spy  # type: ignore[method-assign]
+    # batches come from the tokenised-query cache, one collate per step
+    monkeypatch.setattr(training, "collate", spy)
     cfg = TrainConfig(epochs=1, batch_size=8, replay_per_batch=3)
     train(model, new, (), cfg, replay=old)
     assert len(seen) == 4
-    for mentions in seen:
-        assert len(mentions) == 11
-        assert sum(m.startswith("old ") for m in mentions) == 3
+    for from_old in seen:
+        assert len(from_old) == 11
+        assert sum(from_old) == 3
+
+
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+def test_cached_tensors_train_exactly_like_encoding_every_step(kind: str, monkeypatch) -> None:
+    tiny = (
+        {"tokenizer": None, "embedding_dim": 8, "channels": 8, "hidden_size": 8}
+        if kind == "cnn"
+        else {"encoder": None, "num_layers": 1}
+    )
+    new, old = _queries(24, 7), _queries(10, 8)
+    cfg = TrainConfig(epochs=2, batch_size=5, replay_per_batch=2, lr=1e-3)
+    weights = []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        model = build_ranker(kind, **tiny)
+        if not cached:  # the per-step model.encode path
+            monkeypatch.setattr(training, "encoded_queries", lambda m, q: None)
+        train(model, new, new[:6], cfg, replay=old)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k

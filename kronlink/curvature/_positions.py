@@ -57,14 +57,10 @@ def positions(
         n = x.shape[0] if x.dim() > 1 else 1
         xs = x.reshape(n, -1, x.shape[-1]).to(dtype)
         gs = grad.reshape(n, -1, grad.shape[-1]).to(dtype)
-        if module.bias is not None:
-            xs = fx.augment(xs)
     elif rule is Rule.CONV1D:
         if x.dim() != 3:
             raise ConfigError(f"Conv1d {call.name!r}: expected a batched (N, C, T) input")
         xs = fx.conv1d_patches(module, x.to(dtype))
-        if module.bias is not None:
-            xs = fx.augment(xs)
         gs = grad.to(dtype).transpose(1, 2)
         n = x.shape[0]
     elif rule is Rule.EMBEDDING:
@@ -98,6 +94,9 @@ def positions(
         # PyTorch gives the padding row no gradient: such positions are padding.
         keep = keep & (xs != module.padding_idx)
     ex = example[:, None].expand(n, positions)[keep]
+    if rule in (Rule.LINEAR, Rule.CONV1D) and module.bias is not None:
+        # the bias column after the selection: padding is never copied
+        return Positions(x=fx.augment(xs[keep]), g=gs[keep], example=ex)
     return Positions(x=xs[keep], g=gs[keep], example=ex)
 
 
@@ -113,12 +112,30 @@ def grouped(
     times in this forward (a shared encoder) pooled, so that per-query
     gradients, means and exact blocks sum over all of its calls."""
     by_name: dict[str, list[Positions]] = {}
+    # Modules fed the same tensor with the same layout (a transformer's
+    # query, key and value) get one x tensor object, so that the x-side sums
+    # can be computed once (``split_sums``'s ``cache``).
+    shared: dict[tuple, Tensor] = {}
     for call, grad in zip(calls, grads, strict=True):
         acc = accs[call.name]
         acc.calls += 1
-        by_name.setdefault(call.name, []).append(
-            positions(acc.info, call, grad, layouts, valid, dtype)
-        )
+        pos = positions(acc.info, call, grad, layouts, valid, dtype)
+        if acc.info.rule is Rule.LINEAR:
+            lay = layouts.get(call.name)
+            x = call.input
+            key = (
+                x.data_ptr(),
+                tuple(x.shape),
+                x.stride(),
+                x.dtype,
+                acc.info.bias,
+                id(lay.mask) if isinstance(lay, TokenLayout) else None,
+                id(lay.example) if isinstance(lay, TokenLayout) else None,
+            )
+            first = shared.setdefault(key, pos.x)
+            if first is not pos.x and first.shape == pos.x.shape:
+                pos = Positions(x=first, g=pos.g, example=pos.example)
+        by_name.setdefault(call.name, []).append(pos)
     for name, parts in by_name.items():
         if len(parts) == 1:
             yield name, parts[0]

@@ -184,8 +184,9 @@ def estimate_curvature(
             model, batches, accs, fisher_t, device, generator
         ):
             n_examples += int(valid.sum())
+            shared: dict[int, dict[str, Tensor]] = {}  # this batch's x-side sums by id(x)
             for name, pos in grouped(accs, calls, grads, layouts, valid, acc_dtype):
-                _first_pass(accs[name], pos, int(valid.shape[0]), want_diag)
+                _first_pass(accs[name], pos, int(valid.shape[0]), want_diag, shared)
             step += 1
             if progress is not None:
                 progress(step, total)
@@ -356,7 +357,13 @@ def _labels(
 # ---- accumulation ---------------------------------------------------------
 
 
-def _first_pass(acc: _Acc, pos: Positions, n_queries: int, want_diag: bool) -> None:
+def _first_pass(
+    acc: _Acc,
+    pos: Positions,
+    n_queries: int,
+    want_diag: bool,
+    shared: dict[int, dict[str, Tensor]] | None = None,
+) -> None:
     rule = acc.info.rule
     x, g, ex = pos.x, pos.g, pos.example
     if rule is Rule.LAYERNORM:
@@ -375,7 +382,7 @@ def _first_pass(acc: _Acc, pos: Positions, n_queries: int, want_diag: bool) -> N
             token, rows = fx.embedding_pairs(x, g, ex, vocab)
             acc.diag.index_add_(0, token, rows.square())
         return
-    for key, value in fx.split_sums(x, g, ex, n_queries).items():
+    for key, value in fx.split_sums(x, g, ex, n_queries, shared).items():
         acc.sums[key].add_(value)
     if want_diag or acc.exact is not None:
         for chunk in fx.per_example_outer(g, x, ex, n_queries):

@@ -131,7 +131,13 @@ def accumulate_squares(target: Tensor, chunks: Iterator[Tensor], fn: Callable[[T
         target.add_(fn(chunk).square().sum(0))
 
 
-def split_sums(x: Tensor, g: Tensor, example: Tensor, n_examples: int) -> dict[str, Tensor]:
+def split_sums(
+    x: Tensor,
+    g: Tensor,
+    example: Tensor,
+    n_examples: int,
+    cache: dict[int, dict[str, Tensor]] | None = None,
+) -> dict[str, Tensor]:
     """The sums behind the candidate-aware ("split") rule and the expand rule.
 
     With ``m_n``, ``h_n`` the means of a query's ``x̄_t`` and ``g_t`` over its
@@ -145,20 +151,24 @@ def split_sums(x: Tensor, g: Tensor, example: Tensor, n_examples: int) -> dict[s
 
     The deviations are accumulated directly: subtracting the mean part from
     ``Σ x̄ x̄ᵀ`` afterwards would cancel badly in float32 when the mean
-    dominates (a scoring head's inputs)."""
+    dominates (a scoring head's inputs).
+
+    ``cache`` (per batch, keyed by ``id(x)``) keeps the x-side sums for
+    modules that share one input tensor (query, key and value)."""
+    hit = cache.get(id(x)) if cache is not None else None
     counts = torch.bincount(example, minlength=n_examples).to(x.dtype)
     # Per-query sums as one matrix product with the (P, B) one-hot: on CPU
     # ``index_add_`` over many positions cost more than Σ x̄ x̄ᵀ itself.
     onehot = F.one_hot(example, n_examples).to(x.dtype)
-    sx, sg = onehot.T @ x, onehot.T @ g
     t = counts.clamp_min(1)[:, None]
-    m, h = sx / t, sg / t
-    d, e = x - m[example], g - h[example]
-    return {
-        "a_dev": d.T @ d,
-        "g_dev": e.T @ e,
-        "a_red": m.T @ m,
-        "g_red": sg.T @ sg,
-        "a_wm": (m * counts[:, None]).T @ m,
-        "g_wm": (h * counts[:, None]).T @ h,
-    }
+    sg = onehot.T @ g
+    h = sg / t
+    e = g - h[example]
+    out = {"g_dev": e.T @ e, "g_red": sg.T @ sg, "g_wm": (h * counts[:, None]).T @ h}
+    if hit is None:
+        m = (onehot.T @ x) / t
+        d = x - m[example]
+        hit = {"a_dev": d.T @ d, "a_red": m.T @ m, "a_wm": (m * counts[:, None]).T @ m}
+        if cache is not None:
+            cache[id(x)] = hit
+    return {**hit, **out}

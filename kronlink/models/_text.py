@@ -13,6 +13,7 @@ which span to link even when the context holds other entity names. With
 
 from __future__ import annotations
 
+import hashlib
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,15 @@ class WordPieces:
                 "if only the markers are missing)"
             )
         return i
+
+    def fingerprint(self) -> str:
+        """A digest of the tokenizer and the marker ids (computed once)."""
+        fp = getattr(self, "_fingerprint", None)
+        if fp is None:
+            h = hashlib.sha256(self.tokenizer.to_str().encode("utf-8"))
+            h.update(repr((self.pad_id, self.cls_id, self.sep_id, self.markers)).encode())
+            fp = self._fingerprint = h.hexdigest()[:24]
+        return fp
 
     @property
     def vocab_size(self) -> int:

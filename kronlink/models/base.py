@@ -116,6 +116,21 @@ class Ranker(nn.Module):
     def forward(self, batch: RankerBatch) -> Tensor:  # (B, C) scores
         raise NotImplementedError
 
+    def batch_padding(self) -> dict[str, Any]:
+        """Per feature of ``encode``, its ``kronlink.models.dataset.FeaturePadding``:
+        what lets cached per-query tensors be batched exactly as ``encode``
+        would batch them. Rankers that do not say fall back to ``encode``."""
+        raise NotImplementedError
+
+    def encoding_key(self) -> str:
+        """What ``encode``'s output depends on besides the queries: the kind,
+        the config and the vocabulary. Keys the tokenised-query cache."""
+        pieces = getattr(self, "pieces", None)
+        if pieces is None:
+            raise NotImplementedError
+        self.batch_padding()  # raises when the ranker cannot be cached
+        return f"{self.kind}|{self.config!r}|{pieces.fingerprint()}"
+
     def token_layouts(self, batch: RankerBatch) -> dict[str, TokenLayout]:
         """Per module name (as in ``named_modules``), the layout of its input
         positions for this batch. Every Linear, Conv1d, Embedding and LayerNorm

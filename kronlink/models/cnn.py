@@ -45,6 +45,7 @@ from kronlink.models._checkpoint import (
 )
 from kronlink.models._text import DEFAULT_ENCODER, DEFAULT_MARKERS, WordPieces, resolve_source
 from kronlink.models.base import MASK_FILL, Ranker, RankerBatch, TokenLayout
+from kronlink.models.dataset import FeaturePadding
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,15 @@ class CNNRanker(Ranker):
             labels=gold_labels(queries),
             meta={"candidate_ids": [[c.id for c in cs] for cs in cands]},
         )
+
+    def batch_padding(self) -> dict[str, FeaturePadding]:
+        p = self.pieces
+        return {
+            "query_ids": FeaturePadding("query", p.pad_id, None),
+            "query_mask": FeaturePadding("query", 0, None),
+            "name_ids": FeaturePadding("name", p.pad_id, (p.cls_id, p.sep_id)),
+            "name_mask": FeaturePadding("name", 0, (1, 1)),
+        }
 
     def forward(self, batch: RankerBatch) -> Tensor:
         f = batch.features

@@ -45,6 +45,7 @@ from kronlink.models._checkpoint import (
 )
 from kronlink.models._text import DEFAULT_ENCODER, DEFAULT_MARKERS, WordPieces, resolve_source
 from kronlink.models.base import MASK_FILL, Ranker, RankerBatch, TokenLayout
+from kronlink.models.dataset import FeaturePadding
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,18 @@ class TransformerRanker(Ranker):
             labels=gold_labels(queries),
             meta={"candidate_ids": [[c.id for c in cs] for cs in cands]},
         )
+
+    def batch_padding(self) -> dict[str, FeaturePadding]:
+        p = self.pieces
+        return {
+            "input_ids": FeaturePadding("row", p.pad_id, (p.cls_id, p.sep_id)),
+            "attention_mask": FeaturePadding("row", 0, (1, 1)),
+            "token_type_ids": FeaturePadding("row", 0, (0, 0)),
+        }
+
+    def encoding_key(self) -> str:
+        # encode refuses rows longer than the encoder's positions
+        return f"{super().encoding_key()}|{self.encoder.config.max_position_embeddings}"
 
     def forward(self, batch: RankerBatch) -> Tensor:
         f = batch.features

@@ -1,0 +1,129 @@
+"""The grouped, fused KFC penalty against the unfused per-layer form.
+
+``KFCPenalty`` stacks equal-shape layers into one batched product and takes
+the gradient as ``2 G Δ̄ A`` (symmetric factors) instead of differentiating
+the products. The reference here is the per-layer expression
+``Σ_k sum(Δ̄ ⊙ (G_k Δ̄ A_k))`` differentiated by autograd, in float64, on
+fresh random moves away from the anchor of both real rankers (tiny sizes).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kronlink.curvature import TaskState, estimate_curvature
+from kronlink.curvature.state import Rule
+from kronlink.data.schema import Candidate, Query
+from kronlink.models import build_ranker
+from kronlink.penalties import KFCExpandPenalty, KFCPenalty, _kfc_embedding, _other_terms
+
+TINY = {
+    "transformer": {"encoder": None, "num_layers": 3, "max_length": 40},
+    "cnn": {"tokenizer": None, "embedding_dim": 16, "channels": 16, "hidden_size": 16},
+}
+WORDS = "acute chronic fever left right femur renal failure type diabetes".split()
+
+
+def _queries(n: int, seed: int) -> list[Query]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        cands = tuple(
+            Candidate(f"C{i}{j}", " ".join(rng.sample(WORDS, 3))) for j in range(rng.randint(2, 5))
+        )
+        out.append(Query(" ".join(rng.sample(WORDS, 2)), cands[0].id, candidates=cands))
+    return out
+
+
+def _reference(model, prior: TaskState, expand: bool) -> torch.Tensor:
+    """Per layer, unfused, float64."""
+    cs = prior.curvature
+    params = {n: p.double() for n, p in model.named_parameters()}
+    anchor = {n: t.double() for n, t in prior.anchor.items()}
+    total = torch.zeros((), dtype=torch.float64)
+    for name, f in cs.kfac.items():
+        info = cs.layers[name]
+        if info.rule is Rule.EMBEDDING:
+            total = total + _kfc_embedding(info.param_names[0], anchor, f.A.double(), f.G.double())(
+                params
+            )
+            continue
+        w = params[info.param_names[0]] - anchor[info.param_names[0]]
+        d = w.reshape(w.shape[0], -1)
+        if info.bias:
+            b = params[info.param_names[1]] - anchor[info.param_names[1]]
+            d = torch.cat([d, b[:, None]], 1)
+        if not expand and name in cs.exact:
+            v = d.T.reshape(-1)
+            total = total + v @ cs.exact[name].double() @ v
+            continue
+        if not expand and name in cs.split:
+            sp = cs.split[name]
+            pairs = [(sp.A_mean, sp.G_mean), (sp.A_dev, sp.G_dev)]
+        else:
+            pairs = [(f.A, f.G)]
+        for A, G in pairs:
+            total = total + (d * (G.double() @ d @ A.double())).sum()
+    terms = _other_terms(prior, lambda t: t.double())
+    return total + sum((t(params) for t in terms), torch.zeros((), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("cls", [KFCPenalty, KFCExpandPenalty])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_value_and_gradient_equal_unfused(kind: str, cls, dtype) -> None:
+    torch.manual_seed(0)
+    model = build_ranker(kind, **TINY[kind]).to(dtype)
+    batches = [model.encode(_queries(6, s)) for s in (1, 2)]
+    state = estimate_curvature(model, batches)
+    if kind == "transformer":  # equal-shape layers must share a batched product
+        shapes = [tuple(model.get_submodule(n).weight.shape) for n in state.kfac]
+        assert max(shapes.count(s) for s in shapes) >= 3
+    prior = TaskState.from_model(model, state, {"task": "t"})
+    pen = cls([prior], 1.0)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for trial in range(3):  # fresh random points: the penalty's cache must not go stale
+        g = torch.Generator().manual_seed(10 + trial)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
+        got = pen(model)
+        got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+        want = _reference(model, prior, expand=cls is KFCExpandPenalty)
+        want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+        assert abs(float(got.detach()) - float(want.detach())) <= tol * abs(float(want.detach()))
+        # a parameter with (numerically) zero gradient: rounding noise only
+        floor = 1e-12 * float(
+            torch.cat([b.reshape(-1) for b in want_grads if b is not None]).norm()
+        )
+        for (n, _), a, b in zip(model.named_parameters(), got_grads, want_grads, strict=True):
+            if b is None:
+                assert a is None or float(a.abs().max()) == 0.0, n
+                continue
+            assert float((a.double() - b).norm()) <= tol * float(b.norm()) + floor, n
+
+
+def test_asymmetric_factors_fall_back_to_autograd() -> None:
+    torch.manual_seed(0)
+    model = build_ranker("cnn", **TINY["cnn"]).double()
+    state = estimate_curvature(model, [model.encode(_queries(6, 1))])
+    name = next(n for n in state.split)
+    sp = state.split[name]
+    skew = torch.randn(sp.G_dev.shape, dtype=torch.float64)
+    # not a Fisher any more, but the penalty must still be the expression's value/gradient
+    state.split[name] = type(sp)(sp.A_mean, sp.G_mean, sp.A_dev, sp.G_dev + skew)
+    prior = TaskState.from_model(model, state, {"task": "t"})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    got = KFCPenalty([prior], 1.0)(model)
+    want = _reference(model, prior, expand=False)
+    ga = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    assert abs(float(got - want)) <= 1e-10 * abs(float(want))
+    for a, b in zip(ga, gb, strict=True):
+        if b is not None:
+            assert float((a - b).norm()) <= 1e-10 * float(b.norm()) + 1e-30
