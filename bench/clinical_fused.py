@@ -11,7 +11,6 @@ ontologies (minutes on 2 cores); not a timing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _record import loadavg, write_record
 from clinical_mentions import LISTS, accepted
 
 from kronlink.data.io import load_task
@@ -36,7 +36,7 @@ def main() -> int:
     p.add_argument("--tasks", type=Path, required=True)
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args()
-    record: dict = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
+    record: dict = {"loadavg_before": loadavg()}
     record.update(model=str(args.model), k=args.k, exact_margin=DEFAULT_EXACT_MARGIN)
     model = load_ranker(args.model).eval()
     settings = Settings()
@@ -79,9 +79,7 @@ def main() -> int:
             }
             record.setdefault(onto, {})[mode] = out
             print(onto, mode, {k: v for k, v in out.items() if k != "rows"}, flush=True)
-    record["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     return 0
 
 

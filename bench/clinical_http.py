@@ -8,13 +8,13 @@ top-1 per mention against the accepted codes, a record of every answer.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _record import loadavg, write_record
 from clinical_mentions import LISTS, accepted
 
 
@@ -23,7 +23,7 @@ def main() -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--url", default="http://127.0.0.1:8000")
     args = p.parse_args()
-    record: dict = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
+    record: dict = {"loadavg_before": loadavg()}
     with httpx.Client(base_url=args.url, timeout=60) as client:
         for onto, items in LISTS.items():
             rows = []
@@ -56,9 +56,7 @@ def main() -> int:
                 ]
                 record[onto][key] = sum(cs) / len(cs) if cs else None
             print(f"{onto}: {record[onto]['correct']} / {len(rows)} top-1 accepted")
-    record["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     return 0
 
 

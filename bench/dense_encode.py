@@ -12,12 +12,12 @@ Ratios are against the default variant measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
+from _record import loadavg, write_record
 
 from kronlink.data.io import load_task
 from kronlink.retrieval.dense import Encoder, _entries
@@ -37,7 +37,7 @@ def main() -> int:
     p.add_argument("--tasks", type=Path, required=True)
     p.add_argument("--sample", type=int, default=2000)
     args = p.parse_args()
-    record: dict = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
+    record: dict = {"loadavg_before": loadavg()}
     entries: dict[str, list[str]] = {}
     for name in ("icd10cm", "hpo"):
         texts, _ = _entries(load_task(args.tasks / name).concepts)
@@ -76,9 +76,7 @@ def main() -> int:
     for r in rows:
         r["ratio_to_default"] = round(r["seconds"] / base, 3)
     record["rows"] = rows
-    record["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     return 0
 
 

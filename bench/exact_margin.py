@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _record import loadavg, write_record
 from clinical_mentions import LISTS, accepted
 
 from kronlink.data._text import name_keys, normalize
@@ -108,7 +109,7 @@ def main() -> int:
     p.add_argument("--model", action="append", type=_pair, required=True)
     p.add_argument("--task", action="append", type=_pair, required=True)
     args = p.parse_args()
-    record: dict = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
+    record: dict = {"loadavg_before": loadavg()}
     record["source_prior"] = source_prior()
     print("source prior", {k: v for k, v in record["source_prior"].items() if k != "examples"})
     record["margins"] = [m if m < 1e9 else "inf" for m in MARGINS]
@@ -158,9 +159,7 @@ def main() -> int:
         record["models"][label] = out
         print(label, json.dumps({k: v for k, v in out.items() if k == "splits"}))
         print(label, {k: v for k, v in out["clinical"].items() if "_rows_" not in k})
-    record["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     return 0
 
 
