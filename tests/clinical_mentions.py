@@ -1,7 +1,12 @@
 """Common clinical and lay mentions with the answers a clinician would accept
 (issue 12, "Clinical list"). An accepted code ending in "*" accepts the code
-and every code below it (ICD-10-CM's hierarchy is spelled in the code):
-"heart attack" is any acute myocardial infarction, I21 and its subcodes.
+and every code below it (ICD-10-CM's hierarchy is spelled in the code).
+
+ICD-10-CM answers are the code a coder assigns to the plain mention: the
+category or its unspecified code ("heart attack": I21 or I21.9), never a
+subcode that adds what the mention does not say ("type 2 diabetes" is not
+"E11.1 Type 2 diabetes mellitus with ketoacidosis"; until 2026-12 the list
+accepted every subcode, "E11*", and counted that answer right).
 
 HPO answers are exact terms; where a parent term is as right as the child
 (e.g. "Seizure" for "fits") only the term a clinician would pick is listed.
@@ -12,31 +17,31 @@ from __future__ import annotations
 ICD10CM: dict[str, tuple[str, ...]] = {
     "high blood pressure": ("I10",),
     "hypertension": ("I10",),
-    "heart attack": ("I21*",),
-    "type 2 diabetes": ("E11*",),
-    "asthma": ("J45*",),
-    "stroke": ("I63*",),
-    "pneumonia": ("J18*",),
+    "heart attack": ("I21", "I21.9"),
+    "type 2 diabetes": ("E11", "E11.9"),
+    "asthma": ("J45", "J45.9", "J45.90", "J45.909"),
+    "stroke": ("I63", "I63.9"),
+    "pneumonia": ("J18", "J18.9"),
     "urinary tract infection": ("N39.0",),
-    "migraine": ("G43*",),
-    "flu": ("J09*", "J10*", "J11*"),
+    "migraine": ("G43", "G43.9", "G43.90", "G43.909"),
+    "flu": ("J11", "J11.1"),
     "common cold": ("J00",),
-    "acid reflux": ("K21*",),
-    "chest pain": ("R07.9", "R07.8*", "R07.1", "R07.2"),
-    "headache": ("R51*", "G44.209"),
-    "low back pain": ("M54.5*",),
-    "depression": ("F32*", "F33*"),
-    "anxiety": ("F41*",),
-    "kidney stones": ("N20*",),
-    "appendicitis": ("K35*", "K37"),
-    "high cholesterol": ("E78.0*", "E78.5"),
-    "obesity": ("E66*",),
-    "gout": ("M10*", "M1A*"),
-    "sore throat": ("J02*",),
-    "fever": ("R50*",),
-    "anemia": ("D64.9", "D50*"),
-    "COPD": ("J44*",),
-    "atrial fibrillation": ("I48*",),
+    "acid reflux": ("K21", "K21.9"),
+    "chest pain": ("R07.9", "R07.89"),
+    "headache": ("R51", "R51.9"),
+    "low back pain": ("M54.5", "M54.50"),
+    "depression": ("F32.A", "F32.9"),
+    "anxiety": ("F41.9",),
+    "kidney stones": ("N20", "N20.0"),
+    "appendicitis": ("K37", "K35", "K35.80"),
+    "high cholesterol": ("E78.0", "E78.00", "E78.5"),
+    "obesity": ("E66", "E66.9"),
+    "gout": ("M10", "M10.9"),
+    "sore throat": ("J02", "J02.9"),
+    "fever": ("R50", "R50.9"),
+    "anemia": ("D64.9",),
+    "COPD": ("J44", "J44.9"),
+    "atrial fibrillation": ("I48", "I48.91"),
 }
 
 HPO: dict[str, tuple[str, ...]] = {

@@ -78,7 +78,7 @@ def test_the_default_setting_is_the_rankings_default():
     assert Settings().exact_margin == DEFAULT_EXACT_MARGIN == 5.0
 
 
-def test_name_keys_drop_only_icds_plain_unspecified_suffix():
+def test_name_keys_drop_icds_plain_unspecified_suffix_only():
     assert name_keys("Anemia, unspecified") == {"anemia, unspecified", "anemia"}
     assert name_keys(" Asthma ") == {"asthma"}
     # a qualified "unspecified" still names something more specific
@@ -92,6 +92,35 @@ def test_name_keys_drop_only_icds_plain_unspecified_suffix():
         [Concept("D50", "Iron deficiency anemia"), Concept("D64.9", "Anemia, unspecified")]
     )
     assert r.search(["Anemia"], 1)[0][0][0] == "D64.9"
+
+
+def test_name_keys_follow_icd_conventions():
+    # nonessential modifiers in parentheses may be present or absent
+    assert name_keys("Hypertension (arterial) (benign)") == {
+        "hypertension (arterial) (benign)",
+        "hypertension",
+    }
+    # a bracketed alternative wording is a name of its own
+    assert name_keys("Acute nasopharyngitis [common cold]") == {
+        "acute nasopharyngitis [common cold]",
+        "acute nasopharyngitis",
+        "common cold",
+    }
+    # NOS marks the plain term, after the modifiers go too
+    assert name_keys("Sore throat (acute) NOS") == {
+        "sore throat (acute) nos",
+        "sore throat nos",
+        "sore throat (acute)",
+        "sore throat",
+    }
+    assert name_keys("Unspecified atrial fibrillation") >= {"atrial fibrillation"}
+    assert name_keys("Pneumonia, unspecified organism") >= {"pneumonia"}
+    assert name_keys("Urinary tract infection, site not specified") >= {"urinary tract infection"}
+    # nothing empty, and words that only look like a convention stay
+    assert name_keys("(x)") == {"(x)"}
+    assert name_keys("NOS") == {"nos"}
+    assert name_keys("Nosebleed") == {"nosebleed"}
+    assert name_keys("Unspecified") == {"unspecified"}
 
 
 def test_exact_mask_matches_normalised_names_and_given_synonym_ids():

@@ -71,6 +71,12 @@ class CNNRankerConfig:
     dropout: float = 0.1
     # Two vocabulary tokens around the mention; None: unmarked.
     mention_markers: tuple[str, str] | None = DEFAULT_MARKERS
+    # How the Embedding starts: "random" (PyTorch's N(0, 1)) or "encoder",
+    # the tokenizer folder's own BERT word-piece embeddings projected onto
+    # their top ``embedding_dim`` principal directions, so that pieces the
+    # encoder learned as related ("heart", "cardiac") start close instead of
+    # being learned from one task's few hundred queries (issue 12, item 3).
+    embedding_init: str = "random"
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "channels", "conv_layers", "hidden_size"):
@@ -87,6 +93,46 @@ class CNNRankerConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mention_markers is not None and len(self.mention_markers) != 2:
             raise ConfigError(f"mention_markers must be two tokens, got {self.mention_markers!r}")
+        if self.embedding_init not in ("random", "encoder"):
+            raise ConfigError(
+                f"embedding_init must be 'random' or 'encoder', got {self.embedding_init!r}"
+            )
+        if self.embedding_init == "encoder" and self.tokenizer is None:
+            raise ConfigError(
+                "embedding_init 'encoder' needs a tokenizer folder with a BERT model "
+                "(tokenizer=None is the test character vocabulary): set tokenizer or "
+                "embedding_init='random'"
+            )
+
+
+def encoder_embeddings(folder: Path, dim: int, vocab_size: int) -> Tensor:
+    """(vocab_size, dim): the folder's BERT word-piece embeddings, centred,
+    projected onto their top ``dim`` principal directions (all of them, a
+    rotation, when ``dim`` is the encoder's width; zero-padded when wider)
+    and scaled to unit standard deviation, the scale of PyTorch's own
+    Embedding initialisation that the rest of the CNN's defaults assume."""
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no model.safetensors to take word-piece embeddings from")
+    with safe_open(str(path), "pt") as f:
+        names = [k for k in f.keys() if k.endswith("word_embeddings.weight")]  # noqa: SIM118 (safe_open is not iterable)
+        if len(names) != 1:
+            raise ConfigError(f"{path}: expected one word_embeddings.weight, found {names}")
+        weight = f.get_tensor(names[0]).float()
+    if weight.shape[0] != vocab_size:
+        raise ConfigError(
+            f"{path}: {weight.shape[0]} word-piece embeddings for a vocabulary of {vocab_size}"
+        )
+    centred = weight - weight.mean(0)
+    # Principal directions from the (width x width) covariance, largest
+    # first: an SVD of the whole (30522 x 384) matrix took 20 s here.
+    _, vecs = torch.linalg.eigh(centred.double().T @ centred.double())
+    k = min(dim, vecs.shape[1])
+    out = torch.zeros(weight.shape[0], dim)
+    out[:, :k] = centred @ vecs.flip(1)[:, :k].float()
+    return out / out[:, :k].std()
 
 
 def _conv_stack(config: CNNRankerConfig) -> nn.ModuleList:
@@ -133,7 +179,15 @@ class CNNRanker(Ranker):
             pieces = WordPieces.from_folder(
                 resolve_source(config.tokenizer), config.mention_markers
             )
-        return cls(config, pieces)
+        model = cls(config, pieces)
+        if config.embedding_init == "encoder":
+            assert config.tokenizer is not None  # checked by the config
+            weight = encoder_embeddings(
+                resolve_source(config.tokenizer), config.embedding_dim, pieces.vocab_size
+            )
+            with torch.no_grad():
+                model.embedding.weight.copy_(weight)
+        return model
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> CNNRanker:

@@ -108,7 +108,10 @@ def test_icd10cm_content():
     by_id = {c.id: c for c in task.concepts}
     assert by_id["A00"].name == "Cholera"
     assert by_id["A00.0"].name.startswith("Cholera due to Vibrio cholerae")
-    assert "Salmonella" in by_id["A02"].definition  # the <includes> note
+    # <includes> notes are searchable synonyms, never queries
+    assert any("Salmonella" in s for s in by_id["A02"].synonyms)
+    assert "high blood pressure" in by_id["I10"].synonyms
+    assert not {q.mention for q in task.queries} & set(by_id["I10"].synonyms)
     assert all(q.left_context == q.right_context == "" for q in task.queries)
 
 

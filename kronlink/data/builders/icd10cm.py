@@ -4,19 +4,22 @@
 - Concepts: every ``<diag>`` element (categories, subcategories and billable
   leaf codes alike; 46,881 in the April 2026 release). Non-leaf codes are kept
   because inclusion terms are attached to them too, and a linker that can only
-  name leaves could not answer those. Name = ``<desc>``; definition = the
-  code's ``<includes>`` notes joined with "; " (scope statements such as
-  "infection due to any Salmonella species other than S. typhi", too
-  descriptive to be mentions). Codes formed with a 7th character
+  name leaves could not answer those. Name = ``<desc>``. Codes formed with a 7th character
   (``<sevenChrDef>``, e.g. S00.01XA) are not in the XML as elements and are
   left out.
 - Mentions: the ``<inclusionTerm><note>`` texts, gold = the code they sit
   under. Left and right context are empty: the XML has no running text, and
   the parent's description would hand the model the answer's neighbourhood,
   which real text does not.
-- The ontology's synonyms are the inclusion terms that no split uses as a
-  query (those beyond ``limit`` or dropped by the mention filter): the
-  builder removes every query string from the stored ontology (issue 12, item 0).
+- The ontology's synonyms are the code's ``<includes>`` notes (what the
+  category covers: I10's "high blood pressure", I21's "cardiac infarction";
+  a few are scope statements such as "infection due to any Salmonella species
+  other than S. typhi", which no mention equals and BM25 weighs down by their
+  length) and the inclusion terms that no split uses as a query (those beyond
+  ``limit`` or dropped by the mention filter): the builder removes every
+  query string from the stored ontology (issue 12, item 0). Before 2026-12 the
+  includes notes were stored as the definition, which nothing searches, so
+  "high blood pressure" found no I10.
 """
 
 from __future__ import annotations
@@ -60,14 +63,10 @@ def parse_icd10cm(path: str | Path) -> tuple[list[Concept], list[Query]]:
         includes = [_text(n) for inc in diag.findall("includes") for n in inc.findall("note")]
         terms = [_text(n) for t in diag.findall("inclusionTerm") for n in t.findall("note")]
         terms = [t for t in terms if t]
-        concepts.append(
-            Concept(
-                id=code,
-                name=desc,
-                synonyms=tuple(terms),
-                definition="; ".join(i for i in includes if i),
-            )
-        )
+        # Includes notes are synonyms too, never queries (they give no query
+        # of their own): I10's "high blood pressure", E11's "diabetes NOS".
+        synonyms = tuple(dict.fromkeys(terms + [i for i in includes if i]))
+        concepts.append(Concept(id=code, name=desc, synonyms=synonyms))
         mentions.extend(Query(mention=t, gold=code) for t in terms)
     return concepts, mentions
 
