@@ -109,7 +109,7 @@ def test_cancel_mid_training_leaves_the_active_version(ctx: JobContext, settings
     staged_id = stage(settings, make_task("delta", 4))
     job_id = submit(ctx, "delta", staged_id, method="kfc", lambdas=10.0)
 
-    def cancelling_update(model, priors, task, request, *, on_progress, should_stop):
+    def cancelling_update(model, priors, task, request, *, on_progress, should_stop, **kw):
         def progress(p):
             on_progress(p)
             if p.phase == "train" and not should_stop():
@@ -120,7 +120,7 @@ def test_cancel_mid_training_leaves_the_active_version(ctx: JobContext, settings
                     time.sleep(0.05)
 
         return run_update(
-            model, priors, task, request, on_progress=progress, should_stop=should_stop
+            model, priors, task, request, on_progress=progress, should_stop=should_stop, **kw
         )
 
     ctx.update_fn = cancelling_update
@@ -200,7 +200,7 @@ def test_a_lost_lease_leaves_the_data_to_the_next_attempt(
     staged_id = stage(settings, make_task("zeta", 6))
     job_id = submit(ctx, "zeta", staged_id, method="kfc", lambdas=10.0)
 
-    def stalling_update(model, priors, task, request, *, on_progress, should_stop):
+    def stalling_update(model, priors, task, request, *, on_progress, should_stop, **kw):
         def progress(p):
             if p.phase == "train" and not should_stop():
                 with ctx.factory.begin() as s:  # the lease runs out under us
@@ -210,7 +210,7 @@ def test_a_lost_lease_leaves_the_data_to_the_next_attempt(
             on_progress(p)
 
         return run_update(
-            model, priors, task, request, on_progress=progress, should_stop=should_stop
+            model, priors, task, request, on_progress=progress, should_stop=should_stop, **kw
         )
 
     ctx.update_fn = stalling_update
