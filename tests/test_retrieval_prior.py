@@ -27,6 +27,7 @@ from kronlink.retrieval_prior import (
     RetrievalPrior,
     fit_retrieval_prior,
     retrieval_ranks,
+    sign_test_p,
 )
 
 
@@ -69,6 +70,15 @@ def _brute(scores, ranks, gold, beta):
     return right, nll / max(n_gold, 1)
 
 
+def _brute_each(scores, ranks, gold, beta):
+    """Per query: is its gold strictly first."""
+    out = []
+    for s, r, g in zip(scores, ranks, gold, strict=True):
+        total = [x - beta * math.log(1 + k) if beta else x for x, k in zip(s, r, strict=True)]
+        out.append(g >= 0 and all(total[g] > t for j, t in enumerate(total) if j != g))
+    return out
+
+
 def _random_case(rng: random.Random):
     n = rng.randint(1, 40)
     scores, ranks, gold = [], [], []
@@ -87,31 +97,53 @@ def _random_case(rng: random.Random):
 
 def test_fit_is_the_brute_force_argmax_and_never_below_model_or_retriever() -> None:
     rng = random.Random(0)
-    for trial in range(60):
+    kept = 0
+    for trial in range(120):
         scores, ranks, gold = _random_case(rng)
-        prior = fit_retrieval_prior(scores, ranks, gold)
+        # a loose level half the time, so both branches of the guard are met
+        alpha = 0.05 if trial % 2 else 0.5
+        prior = fit_retrieval_prior(scores, ranks, gold, alpha=alpha)
         n = len(scores)
         betas = [row["beta"] for row in prior.info["grid"]]
         assert betas[0] == 0.0 and set(BETA_GRID) <= set(betas)
         brute = {b: _brute(scores, ranks, gold, b) for b in betas}
+        per = {b: _brute_each(scores, ranks, gold, b) for b in betas}
+        kept += prior.info["sign_test"]["kept_best"] and prior.beta not in (0.0, betas[-1])
         for row in prior.info["grid"]:
             right, nll = brute[row["beta"]]
             assert row["dev_top1"] == right / n
             assert row["dev_nll"] == pytest.approx(nll, rel=1e-9, abs=1e-9)
         best = min(betas, key=lambda b: (-brute[b][0], brute[b][1], b))
-        assert prior.beta == best, trial
+        assert prior.info["best_beta"] == best, trial
+        # the guard: the best against the better of model alone and retriever order
+        base = betas[-1] if brute[betas[-1]][0] >= brute[0.0][0] else 0.0
+        w = sum(a and not b for a, b in zip(per[best], per[base], strict=True))
+        lo = sum(b and not a for a, b in zip(per[best], per[base], strict=True))
+        p = sum(math.comb(w + lo, k) for k in range(w, w + lo + 1)) / 2 ** (w + lo)
+        want = best if best == base or p <= alpha else base
+        assert prior.beta == want, (trial, w, lo, p)
+        assert prior.info["sign_test"]["kept_best"] == (want == best)
         model = brute[0.0][0]
         retriever = sum(
             1 for r, g in zip(ranks, gold, strict=True) if g >= 0 and r[g] == 0 and r.count(0) == 1
         )
         assert prior.info["dev_top1_retriever"] == retriever / n
-        assert brute[best][0] >= max(model, retriever), (trial, brute, retriever)
+        assert brute[want][0] >= max(model, retriever), (trial, brute, retriever)
+        assert prior.info["dev_top1"] == brute[want][0] / n
         # the largest beta reproduces the retriever's order on every query
         big = prior.info["order_beta"]
         for s, r in zip(scores, ranks, strict=True):
             if r.count(0) == 1:
                 total = [x - big * math.log(1 + k) for x, k in zip(s, r, strict=True)]
                 assert r[total.index(max(total))] == 0
+    assert kept >= 5  # the guard does not always fall back
+
+
+def test_sign_test_matches_the_binomial_tail() -> None:
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(3, 0) == 0.125
+    assert sign_test_p(6, 1) == pytest.approx(8 / 128)
+    assert sign_test_p(9, 2) == pytest.approx(sum(math.comb(11, k) for k in (9, 10, 11)) / 2048)
 
 
 def test_the_fit_prefers_the_lower_nll_among_equal_top1_and_needs_dev_queries() -> None:
@@ -229,3 +261,86 @@ def test_serving_applies_the_versions_prior_to_generated_candidates_only() -> No
     assert served[1][0]["id"] == "2" and served[1][0]["score"] == pytest.approx(1.0)
     bare = LoadedModel(version=None, ranker=TableRanker(table))  # type: ignore[arg-type]
     assert rank_items(bare, items[:1], 8)[0][0]["id"] == "2"
+
+
+# A real task at CI size: ICD-10-CM's first 1,200 inclusion terms (126 dev,
+# 116 test queries, BM25 candidates, k = 10), 300 train queries, the tiny
+# character CNN. Its model alone stays below BM25, as the demo's version 1 did.
+LIMIT, N_TRAIN = 1200, 300
+
+
+def test_update_job_serves_at_least_the_retrievers_test_top1_on_icd10cm() -> None:
+    from dataclasses import replace
+
+    from kronlink.data.builders import build_task
+    from kronlink.data.candidates import CandidateIndex
+    from kronlink.models import build_ranker
+    from kronlink.training import TrainConfig
+    from kronlink.update import UpdateRequest, run_update
+
+    task = build_task("icd10cm", seed=0, k=10, limit=LIMIT)
+    train = task.split("train")[:N_TRAIN]
+    task = replace(task, queries=(*train, *task.split("dev"), *task.split("test")))
+    # the builders' own index: the one that made (and shuffled) the candidates
+    retriever = CandidateIndex(task.concepts)
+    torch.manual_seed(0)
+    model = build_ranker(
+        "cnn", tokenizer=None, embedding_dim=32, channels=32, hidden_size=32, dropout=0.0
+    )
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-2, head_lr=None, seed=0)
+    # the worker's gate compares with the retriever's dev top-1 over the whole ontology
+    dev = task.split("dev")
+    hits = retriever.search([q.mention for q in dev], 1)
+    floor = sum(h[0][0] == q.gold for h, q in zip(hits, dev, strict=True)) / len(dev)
+    request = UpdateRequest(
+        method="none",
+        lambdas=0.0,
+        kinds=("diag",),
+        curvature_batch_size=64,
+        train=cfg,
+        exact_margin=5.0,
+        retriever_dev_top1=floor,
+    )
+    res = run_update(model, [], task, request, retriever=retriever)
+    info = res.retrieval_prior["info"]
+    alone = res.ablations["model_alone"]
+    numbers = {
+        "beta": res.retrieval_prior["beta"],
+        "retriever": (info["dev_top1_retriever"], info["test_top1_retriever"]),
+        "model alone": (alone["dev"]["accuracy"], alone["test"]["accuracy"]),
+        "served": (res.dev.accuracy, res.test.accuracy),
+    }
+    print("(dev, test) top-1:", numbers)
+    assert info["dev_top1_retriever"] == pytest.approx(floor)
+    # by construction on dev, measured on test (no slack)
+    assert res.dev.accuracy >= max(info["dev_top1_retriever"], alone["dev"]["accuracy"])
+    assert res.test.accuracy >= info["test_top1_retriever"], numbers
+    # the same version with the prior zeroed ranks below its retriever
+    assert alone["test"]["accuracy"] < info["test_top1_retriever"], numbers
+    assert res.gate_passed and res.gate_message == ""
+    # the calibrator was fitted on the served score
+    assert res.calibration is not None
+    rows = score_queries(
+        res.model,
+        dev,
+        exact_margin=5.0,
+        retrieval_prior=RetrievalPrior.from_dict(res.retrieval_prior),
+        retrieval_ranks=retrieval_ranks(dev, retriever),
+    )
+    from kronlink.calibration import fit_calibrator
+
+    right = [max(c, key=lambda x: x[1])[0] == q.gold for q, c in zip(dev, rows, strict=True)]
+    assert sum(right) / len(dev) == pytest.approx(res.dev.accuracy)
+    again = fit_calibrator([[s for _, s, _ in c] for c in rows], right)
+    for k, v in again.params.items():
+        assert res.calibration["params"][k] == pytest.approx(v, rel=1e-6)
+    # without a retriever the job fits no prior, and the gate says what to do
+    res0 = run_update(
+        build_ranker("cnn", tokenizer=None, embedding_dim=32, channels=32, hidden_size=32),
+        [],
+        replace(task, queries=(*train[:32], *dev, *task.split("test"))),
+        replace(request, train=replace(cfg, epochs=1, lr=1e-6)),
+    )
+    assert res0.retrieval_prior is None and not res0.gate_passed
+    assert "No retrieval prior was fitted" in res0.gate_message
+    assert "retriever=" in res0.gate_message
