@@ -342,7 +342,9 @@ def test_gate_refuses_a_version_below_its_retrievers_dev_top1(
     from kronlink.data.splits import without_query_strings
     from kronlink.retrieval import retriever_for
 
-    ctx = replace(ctx, settings=settings.model_copy(update={"retriever_gate": True}))
+    # the model's own score: the retrieval prior would lift it to the retriever's
+    off = {"retriever_gate": True, "retrieval_prior": False}
+    ctx = replace(ctx, settings=settings.model_copy(update=off))
     task = make_task("gated", 7)
     dev = task.split("dev")
     r = retriever_for(without_query_strings(task.concepts, task.queries), settings)
@@ -356,4 +358,31 @@ def test_gate_refuses_a_version_below_its_retrievers_dev_top1(
     assert active is None and len(versions) == 1
     dev_acc = versions[0].metrics["dev"]["accuracy"]
     assert dev_acc < 1.0
-    assert f"dev top-1 {dev_acc:.4f} is below the retriever's own dev top-1 1.0000" in job.error
+    assert (
+        f"dev top-1 {dev_acc:.4f} of the served score is below the retriever's own dev top-1 "
+        "1.0000" in job.error
+    )
+    assert "No retrieval prior was fitted" in job.error and "retriever=" in job.error
+
+
+def test_with_the_retrieval_prior_the_same_job_passes_the_gate_and_the_version_keeps_it(
+    ctx: JobContext, settings: Settings
+) -> None:
+    """The same task and tiny epoch as above, with the retrieval prior on (the
+    default): beta is fitted on dev, the served dev top-1 reaches the
+    retriever's 1.0, the gate passes, and the version records the prior (the
+    service reads it from there) beside the model's own accuracy."""
+    from dataclasses import replace
+
+    ctx = replace(ctx, settings=settings.model_copy(update={"retriever_gate": True}))
+    job_id = submit(ctx, "gated", stage(settings, make_task("gated", 7)), method="none")
+    assert run_job(ctx, job_id) == Outcome.SUCCEEDED
+    with ctx.factory.begin() as s:
+        active = active_version(s, "main")
+    assert active is not None
+    m = active.metrics
+    prior = m["retrieval_prior"]
+    assert prior["info"]["dev_top1_retriever"] == 1.0
+    assert m["dev"]["accuracy"] == 1.0 >= m["ablations"]["model_alone"]["dev"]["accuracy"]
+    assert prior["beta"] > 0 and prior["info"]["n_dev"] == 8
+    assert m["retriever_mode"] == settings.retriever_mode
