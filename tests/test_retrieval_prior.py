@@ -344,3 +344,27 @@ def test_update_job_serves_at_least_the_retrievers_test_top1_on_icd10cm() -> Non
     assert res0.retrieval_prior is None and not res0.gate_passed
     assert "No retrieval prior was fitted" in res0.gate_message
     assert "retriever=" in res0.gate_message
+
+
+def test_the_demo_prints_the_top1_table_from_a_versions_metrics() -> None:
+    from kronlink.cli._demo_steps import top1_table
+
+    metrics = {
+        "dev": {"accuracy": 0.2},
+        "test": {"accuracy": 0.25},
+        "ablations": {"model_alone": {"dev": {"accuracy": 0.1}, "test": {"accuracy": 0.125}}},
+        "retrieval_prior": {
+            "beta": 2.0,
+            "info": {"dev_top1_retriever": 0.15, "test_top1_retriever": 0.175},
+        },
+        "retriever_mode": "bm25",
+    }
+    lines = top1_table(metrics)
+    assert [line.split()[-2:] for line in lines[1:5]] == [
+        ["0.150", "0.175"],
+        ["0.150", "0.175"],
+        ["0.100", "0.125"],
+        ["0.200", "0.250"],
+    ]
+    assert "model + priors (served)" in lines[4] and "beta 2" in lines[5]
+    assert top1_table({"test": {"accuracy": 0.3}}) == []  # fitted without the prior

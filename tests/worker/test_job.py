@@ -254,7 +254,9 @@ def test_an_activating_job_publishes_a_notice_on_redis(ctx: JobContext) -> None:
             pytest.fail(f"Redis at {url} is unreachable ({exc}); CI=true requires it")
         pytest.skip(f"Redis at {url} is unreachable ({exc})")
     lineage = f"notice-{os.getpid()}-{time.monotonic_ns()}"  # other tests share the channel
-    s = ctx.settings.model_copy(update={"broker_url": url})
+    # Without the retrieval prior: with it, BM25 answers these "<name> noted"
+    # mentions all right and the job meant to fail its gate below would pass.
+    s = ctx.settings.model_copy(update={"broker_url": url, "retrieval_prior": False})
     ctx = dataclasses.replace(ctx, settings=s)  # same registry, a Redis broker
     sub = client.pubsub()
     sub.subscribe(CHANNEL)
