@@ -16,6 +16,7 @@ from kronlink.data.schema import Query
 from kronlink.models.base import Ranker, RankerBatch, masked_log_softmax
 from kronlink.models.dataset import encoded_queries
 from kronlink.ranking import rank_scores
+from kronlink.retrieval_prior import RetrievalPrior
 
 __all__ = ["Metrics", "evaluate", "metrics_from_ranks", "rank_of_gold", "score_queries"]
 
@@ -70,6 +71,12 @@ def _batches(
         yield start, batch.to(model.device)
 
 
+def _rows(
+    ranks: Sequence[Sequence[int] | None] | None, start: int, n: int
+) -> Sequence[Sequence[int] | None] | None:
+    return None if ranks is None else ranks[start : start + n]
+
+
 @torch.no_grad()
 def score_queries(
     model: Ranker,
@@ -78,15 +85,26 @@ def score_queries(
     batch_size: int = 64,
     exact_margin: float = 0.0,
     on_batch: Callable[[int, int], None] | None = None,
+    retrieval_prior: RetrievalPrior | None = None,
+    retrieval_ranks: Sequence[Sequence[int] | None] | None = None,
 ) -> list[list[tuple[str, float, float]]]:
     """Per query, its candidates as (id, score, probability) in input order.
 
-    ``exact_margin``: the exact-name prior (kronlink.ranking); 0 is the model alone."""
+    ``exact_margin``: the exact-name prior (kronlink.ranking); 0 is the model alone.
+    ``retrieval_prior`` with ``retrieval_ranks`` (one row per query): the
+    retrieval prior (kronlink.retrieval_prior); None, the default: none."""
     model.eval()
     out: list[list[tuple[str, float, float]]] = []
     for start, batch in _batches(model, queries, batch_size):
         chunk = queries[start : start + batch_size]
-        scores, batch = rank_scores(model, chunk, exact_margin=exact_margin, batch=batch)
+        scores, batch = rank_scores(
+            model,
+            chunk,
+            exact_margin=exact_margin,
+            batch=batch,
+            retrieval_prior=retrieval_prior,
+            retrieval_ranks=_rows(retrieval_ranks, start, len(chunk)),
+        )
         probs = masked_log_softmax(scores, batch.candidate_mask).exp()
         for i, q in enumerate(chunk):
             cands = q.candidates or ()
@@ -107,18 +125,28 @@ def evaluate(
     ks: Sequence[int] = (1, 5, 10),
     exact_margin: float = 0.0,
     on_batch: Callable[[int, int], None] | None = None,
+    retrieval_prior: RetrievalPrior | None = None,
+    retrieval_ranks: Sequence[Sequence[int] | None] | None = None,
 ) -> Metrics:
     """Rank every query's candidates with ``model`` and compute the metrics.
 
     ``exact_margin``: the exact-name prior serving applies (kronlink.ranking);
-    the default 0 measures the model alone, as every stored experiment did."""
+    the default 0 measures the model alone, as every stored experiment did.
+    ``retrieval_prior`` and ``retrieval_ranks``: as in :func:`score_queries`."""
     was_training = model.training
     model.eval()
     ranks: list[int] = []
     try:
         for start, batch in _batches(model, queries, batch_size):
             chunk = queries[start : start + batch_size]
-            scores, batch = rank_scores(model, chunk, exact_margin=exact_margin, batch=batch)
+            scores, batch = rank_scores(
+                model,
+                chunk,
+                exact_margin=exact_margin,
+                batch=batch,
+                retrieval_prior=retrieval_prior,
+                retrieval_ranks=_rows(retrieval_ranks, start, len(chunk)),
+            )
             ranks.extend(rank_of_gold(scores, batch.candidate_mask, batch.labels))
             if on_batch is not None:
                 on_batch(min(start + batch_size, len(queries)), len(queries))

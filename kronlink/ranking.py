@@ -23,6 +23,12 @@ them never sees an exact name as a positive and puts "Asthma" below
 
 ``exact_margin = 0`` is the model alone (the research experiments use it, so
 their stored records keep their meaning).
+
+A second, per-version term (kronlink.retrieval_prior): ``beta * -log(1 +
+rank)`` on each candidate's position in the retriever's order, with ``beta``
+fitted on the dev split by the update job. It is applied only where the caller
+passes ``retrieval_prior`` and the queries' ``retrieval_ranks`` (serving:
+generated candidates; the job's evaluation), never in training.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import Tensor
 from kronlink.data._text import name_keys, normalize
 from kronlink.data.schema import Query
 from kronlink.models.base import Ranker, RankerBatch
+from kronlink.retrieval_prior import RetrievalPrior, prior_bonus
 from kronlink.settings import DEFAULT_EXACT_MARGIN
 
 __all__ = ["DEFAULT_EXACT_MARGIN", "apply_exact_prior", "exact_mask", "rank_scores"]
@@ -88,10 +95,15 @@ def rank_scores(
     exact_margin: float,
     exact_ids: Sequence[Collection[str] | None] | None = None,
     batch: RankerBatch | None = None,
+    retrieval_prior: RetrievalPrior | None = None,
+    retrieval_ranks: Sequence[Sequence[int] | None] | None = None,
 ) -> tuple[Tensor, RankerBatch]:
     """Encode ``queries`` (unless ``batch``, their batch already encoded, e.g.
     from the tokenised-query cache, is given), score them with ``model`` and
-    apply the exact-name prior.
+    apply the exact-name prior, then the retrieval prior where both
+    ``retrieval_prior`` and ``retrieval_ranks`` (per query its candidates'
+    retriever positions, None for a query whose candidates were not retrieved)
+    are given.
 
     Returns the (B, C) float scores answers are ordered by, and the batch
     (its ``candidate_mask`` and ``labels``). Call under ``torch.no_grad`` or
@@ -103,4 +115,12 @@ def rank_scores(
     if exact_margin:
         exact = exact_mask(queries, scores.shape[1], exact_ids)
         scores = apply_exact_prior(scores, batch.candidate_mask, exact, exact_margin)
+    if retrieval_prior is not None and retrieval_ranks is not None and retrieval_prior.beta:
+        if len(retrieval_ranks) != len(queries):
+            raise ValueError(
+                f"retrieval_ranks: one row per query expected, {len(queries)} queries, "
+                f"{len(retrieval_ranks)} rows"
+            )
+        bonus = prior_bonus(retrieval_ranks, scores.shape[1], retrieval_prior.beta, scores.dtype)
+        scores = scores + bonus.to(scores.device) * batch.candidate_mask
     return scores, batch

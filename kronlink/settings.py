@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     # retriever's own dev top-1 (issue 12, item 3). Off by default: the demo's
     # reduced version 1 is below BM25 today, and turning it on would refuse it.
     retriever_gate: bool = False
+    # The update job fits the retrieval prior, beta * -log(1 + retriever rank),
+    # on dev and the version serves with it (kronlink/retrieval_prior.py): the
+    # served dev top-1 is then at least the model's alone and the retriever's.
+    # Off: the version serves the model (and exact-name prior) alone.
+    retrieval_prior: bool = True
     ontologies_cached: int = Field(default=4, ge=1)  # BM25 indexes kept in memory
     log_format: Literal["json", "text"] = "json"
 

@@ -107,6 +107,9 @@ def rank_items(
     Runs in the model thread. Ties keep the candidates' input order.
     ``exact_margin``: the exact-name prior (kronlink.ranking); a generated
     candidate also counts as exact when the retriever matched a stored synonym.
+    Generated candidates arrive in the retriever's order, so the version's
+    retrieval prior (kronlink.retrieval_prior) applies to them; a caller's own
+    candidates get none (their order is the caller's, not a retriever's).
     ``no_match_below``: an answer whose calibrated confidence (over all its
     candidates, before ``top_k``) is below it is marked ``no_match``; 0 never.
     The decision is made here, where scores become answers, so every path
@@ -114,6 +117,7 @@ def rank_items(
     """
     cands: list[tuple[Candidate, ...] | None] = [it.candidates for it in items]
     exact_ids: list[frozenset[str] | None] = [None] * len(items)
+    ranks: list[list[int] | None] = [None] * len(items)
     by_index: dict[int, list[int]] = {}
     for i, it in enumerate(items):
         if it.candidates is None and it.index is not None:
@@ -126,6 +130,7 @@ def rank_items(
         for i, c in zip(positions, found, strict=True):
             cands[i] = c[: items[i].k]
             exact_ids[i] = first.index.exact_ids(items[i].mention)
+            ranks[i] = list(range(len(cands[i] or ())))  # best first
     queries = [
         Query(
             mention=it.mention,
@@ -143,6 +148,7 @@ def rank_items(
                 queries[start : start + max_size],
                 exact_margin=exact_margin,
                 exact_ids=exact_ids[start : start + max_size],
+                retrieval_ranks=ranks[start : start + max_size],
             )
         )
     out: list[Ranked] = []

@@ -40,9 +40,17 @@ from kronlink.data.schema import Candidate, Query
 from kronlink.models import Ranker, load_ranker, masked_log_softmax
 from kronlink.ranking import rank_scores
 from kronlink.registry import ArtifactStore, VersionInfo, active_version
+from kronlink.retrieval_prior import RetrievalPrior
 from service.metrics import Metrics
 
-__all__ = ["LoadFailure", "LoadedModel", "ModelHolder", "calibrator_of", "load_version"]
+__all__ = [
+    "LoadFailure",
+    "LoadedModel",
+    "ModelHolder",
+    "calibrator_of",
+    "load_version",
+    "retrieval_prior_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,9 @@ class LoadedModel:
     # P(top-1 right), from the version's metrics["calibration"]; None: an older
     # version without one (it answers with no calibrated probability)
     calibrator: Calibrator | None = None
+    # beta * -log(1 + retriever rank), from the version's metrics["retrieval_prior"]
+    # (kronlink.retrieval_prior); None: a version fitted without one
+    retrieval_prior: RetrievalPrior | None = None
 
     def score(
         self,
@@ -73,16 +84,25 @@ class LoadedModel:
         *,
         exact_margin: float = 0.0,
         exact_ids: Sequence[Collection[str] | None] | None = None,
+        retrieval_ranks: Sequence[Sequence[int] | None] | None = None,
     ) -> list[tuple[list[float], list[float]]]:
         """Per query, (scores, probabilities) of its candidates in input order.
 
         Called from the model thread only; one forward pass for all queries.
         ``exact_margin`` and ``exact_ids``: the exact-name prior
         (kronlink.ranking, the same function evaluation ranks with).
+        ``retrieval_ranks``: per query its candidates' positions in the
+        retriever's order (None for a caller's own candidates); the version's
+        retrieval prior is applied to them.
         """
         with torch.inference_mode():
             scores, batch = rank_scores(
-                self.ranker, queries, exact_margin=exact_margin, exact_ids=exact_ids
+                self.ranker,
+                queries,
+                exact_margin=exact_margin,
+                exact_ids=exact_ids,
+                retrieval_prior=self.retrieval_prior,
+                retrieval_ranks=retrieval_ranks,
             )
             probs = masked_log_softmax(scores, batch.candidate_mask).exp()
             s_rows, p_rows = scores.cpu().tolist(), probs.cpu().tolist()
@@ -120,6 +140,24 @@ def calibrator_of(version: VersionInfo) -> Calibrator | None:
         return None
 
 
+def retrieval_prior_of(version: VersionInfo) -> RetrievalPrior | None:
+    """The version's retrieval prior, or None when it has none or it is
+    unreadable (logged: the model still serves, without it)."""
+    record = (version.metrics or {}).get("retrieval_prior")
+    if record is None:
+        return None
+    try:
+        return RetrievalPrior.from_dict(record)
+    except (ValueError, TypeError) as exc:
+        log.warning(
+            "version %s (id %s): unreadable retrieval prior, serving without one: %s",
+            version.number,
+            version.id,
+            exc,
+        )
+        return None
+
+
 def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> LoadedModel:
     """Fetch a version's model folder (checksum verified), load it and warm it up."""
     art = version.artifact
@@ -131,7 +169,12 @@ def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> Loa
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the weights are in memory now
     ranker.eval()
-    model = LoadedModel(version=version, ranker=ranker, calibrator=calibrator_of(version))
+    model = LoadedModel(
+        version=version,
+        ranker=ranker,
+        calibrator=calibrator_of(version),
+        retrieval_prior=retrieval_prior_of(version),
+    )
     model.score(_WARM_QUERIES)  # first-call costs (allocator, lazy init) are paid here
     return model
 

@@ -47,6 +47,7 @@ def test_demo_end_to_end_and_again(tmp_path):
     assert "submitting icd10cm through POST /v1/jobs" in out
     assert "submitting hpo through POST /v1/jobs" in out
     assert "predicted forgetting of icd10cm" in out
+    assert out.count("model + priors (served)") == 2  # a top-1 table after each job
     assert "predicted forgetting is a relative risk score (uncalibrated: " in out
     assert f"http://127.0.0.1:{port}/dashboard" in out
     assert f"curl -s http://127.0.0.1:{port}/v1/link" in out

@@ -208,6 +208,9 @@ class UpdateSteps:
             self.request,
             on_progress=run.on_progress,
             should_stop=run.should_stop,
+            # the retriever that made (or would make) the candidates: the job
+            # fits the retrieval prior on its dev order (kronlink.retrieval_prior)
+            retriever=self.task_retriever() if run.ctx.settings.retrieval_prior else None,
         )
         run.timings["update"] = round(time.perf_counter() - t0, 4)
         run.timings.update({f"update.{k}": round(v, 4) for k, v in result.timings.items()})
@@ -217,6 +220,17 @@ class UpdateSteps:
         run.check()  # a cancel that arrived after the last step still counts
         self.result = result
 
+    def task_retriever(self) -> Any:
+        """The retriever over the ontology as it will be stored (no query
+        string in it), as serving will build it; built once per job."""
+        if self.retriever is None:
+            from kronlink.data.splits import without_query_strings
+            from kronlink.retrieval import retriever_for
+
+            concepts = without_query_strings(self.task.concepts, self.task.queries)
+            self.retriever = retriever_for(concepts, self.run.ctx.settings)
+        return self.retriever
+
     def retriever_dev_top1(self) -> float | None:
         """The retriever's top-1 on the task's dev split, when the
         ``retriever_gate`` setting asks the gate to compare with it."""
@@ -224,12 +238,7 @@ class UpdateSteps:
         dev = self.task.split("dev")
         if not settings.retriever_gate or not dev:
             return None
-        if self.retriever is None:
-            from kronlink.data.splits import without_query_strings
-            from kronlink.retrieval import retriever_for
-
-            concepts = without_query_strings(self.task.concepts, self.task.queries)
-            self.retriever = retriever_for(concepts, settings)
+        self.task_retriever()
         hits = self.retriever.search([q.mention for q in dev], 1)
         return sum(h[0][0] == q.gold for h, q in zip(hits, dev, strict=True)) / len(dev)
 
@@ -305,6 +314,12 @@ class UpdateSteps:
             "timings": summary["timings"],
             # P(top-1 right), fitted on dev; the service reads it from here
             "calibration": summary.get("calibration"),
+            # beta * -log(1 + retriever rank), fitted on dev; the service reads it
+            # from here too. Its info holds the retriever's dev/test top-1.
+            "retrieval_prior": summary.get("retrieval_prior"),
+            # the same model without the retrieval prior / without any prior
+            "ablations": summary.get("ablations") or {},
+            "retriever_mode": self.run.ctx.settings.retriever_mode,
         }
 
     def commit(self, s: Session) -> Ending | None:

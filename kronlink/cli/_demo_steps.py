@@ -227,11 +227,47 @@ def run_job(api: Api, step: str, task: str, folder: Path, fields: dict[str, str]
         if acc is not None
         else f"      {task}: done"
     )
+    for line in top1_table(job.get("metrics") or {}):
+        say(line)
     if forgetting and job.get("version_id") is not None:
         # a bare number reads as a measured loss; say what it is, as the dashboard does
         scale = api.get(f"/v1/versions/{job['version_id']}").get("forgetting_scale") or {}
         if scale.get("label"):
             say(f"      predicted forgetting is a {scale['label']}")
+
+
+def top1_table(metrics: dict[str, Any]) -> list[str]:
+    """Dev and test top-1 of BM25, the retriever, the model alone and the
+    served score (model, exact-name and retrieval priors), from a version's
+    metrics; no lines for a version fitted without the retrieval prior."""
+    prior = metrics.get("retrieval_prior")
+    if not prior:
+        return []
+    info = prior.get("info") or {}
+    alone = (metrics.get("ablations") or {}).get("model_alone") or {}
+    mode = metrics.get("retriever_mode") or "bm25"
+
+    def acc(d: dict[str, Any] | None) -> float | None:
+        return (d or {}).get("accuracy")
+
+    rows = [
+        (
+            "BM25",
+            info.get("dev_top1_bm25", info.get("dev_top1_retriever")),
+            info.get("test_top1_bm25", info.get("test_top1_retriever")),
+        ),
+        (f"retriever ({mode})", info.get("dev_top1_retriever"), info.get("test_top1_retriever")),
+        ("model alone", acc(alone.get("dev")), acc(alone.get("test"))),
+        ("model + priors (served)", acc(metrics.get("dev")), acc(metrics.get("test"))),
+    ]
+
+    def cell(v: float | None) -> str:
+        return f"{v:6.3f}" if v is not None else "     -"
+
+    out = [f"      {'top-1':<26}{'dev':>6}  {'test':>6}"]
+    out += [f"      {name:<26}{cell(d)}  {cell(t)}" for name, d, t in rows]
+    out.append(f"      (retrieval prior beta {prior.get('beta', 0):.3g}, fitted on dev)")
+    return out
 
 
 def wait_served(api: Api, timeout_s: float = 30.0) -> None:

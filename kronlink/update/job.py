@@ -17,7 +17,11 @@ DESIGN.md sections 1, 4 and 5). Phases, each timed:
    seeded, so a rerun would give the same weights); with fixed λ, one run.
 4. ``curvature``: the new task's curvature on its train split, anchored on
    the trained weights.
-5. ``evaluate``: test and dev metrics; ``Ω_i`` for every prior; the gate.
+5. ``evaluate``: with a ``retriever``, the retrieval prior's ``beta`` fitted on
+   dev (kronlink.retrieval_prior); test and dev metrics of the served score
+   (model, exact-name prior, retrieval prior) and without the priors; ``Ω_i``
+   for every prior; the gate, on the served score; the calibrator, fitted on
+   the served score.
 
 On an error or a stop the model gets its starting weights back (a host copy
 taken after validation); if restoring fails too, the error propagates and the
@@ -41,6 +45,7 @@ from kronlink.errors import CheckpointError, ConfigError, DataFormatError
 from kronlink.evaluation import Metrics, evaluate, score_queries
 from kronlink.models.base import Ranker
 from kronlink.penalties import build_penalty, predicted_forgetting
+from kronlink.retrieval_prior import RetrievalPrior, Searcher, fit_retrieval_prior, retrieval_ranks
 from kronlink.training import Progress, TrainConfig, TrainResult, train
 from kronlink.update.types import SelectionRow, UpdateProgress, UpdateRequest, UpdateResult
 
@@ -63,6 +68,7 @@ def run_update(
     *,
     on_progress: OnProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    retriever: Searcher | None = None,
 ) -> UpdateResult:
     """Train ``model`` in place on ``task`` under ``request.method``'s penalty
     against ``priors``, estimate the new task's state, evaluate, gate.
@@ -73,8 +79,13 @@ def run_update(
     between steps (training) and batches (curvature); a stopped update returns
     ``stopped=True`` and no state. See the module docstring for the phases
     and what happens to ``model`` on failure.
+
+    ``retriever``: the one that made (or would make) the dev and test
+    candidates; with it the retrieval prior is fitted on dev and the served
+    score uses it. None: no retrieval prior (the research experiments' setting).
     """
     job = _Job(model, list(priors), task, request, on_progress, should_stop)
+    job.retriever = retriever
     return job.run()
 
 
@@ -100,6 +111,10 @@ class _Job:
         self.reused = False
         self.train_result: TrainResult | None = None
         self.calibration: dict | None = None
+        self.retriever: Searcher | None = None
+        self.prior: RetrievalPrior | None = None
+        self.ranks: dict[str, list[list[int]]] = {}
+        self.ablations: dict[str, dict] = {}
         self._current = "validate"
 
     # ---- driver ---------------------------------------------------------
@@ -122,6 +137,7 @@ class _Job:
             with self._phase("curvature"):
                 state = self._curvature()
             with self._phase("evaluate"):
+                self.prior = self._fit_prior()
                 test, dev, forgetting, passed = self._evaluate()
                 self.calibration = self._calibrate()
         except UpdateStopped:
@@ -150,6 +166,8 @@ class _Job:
             train_result=self.train_result,
             gate_message=getattr(self, "gate_message", ""),
             calibration=self.calibration,
+            retrieval_prior=self.prior.as_dict() if self.prior is not None else None,
+            ablations=self.ablations,
         )
 
     @property
@@ -321,11 +339,68 @@ class _Job:
         what = "unpenalised" if lambdas is None else f"λ={lambdas}"
         self.train_result = self._fit(lambdas, what)
 
+    def _served(self, split: str) -> dict:
+        """The keyword arguments that make an evaluation rank as serving will."""
+        return {
+            "batch_size": self.req.eval_batch_size,
+            "exact_margin": self.req.exact_margin,
+            "retrieval_prior": self.prior,
+            "retrieval_ranks": self.ranks.get(split),
+        }
+
+    def _fit_prior(self) -> RetrievalPrior | None:
+        """``beta`` of the retrieval prior, fitted on dev against the model's
+        score with the exact-name prior (kronlink.retrieval_prior); None
+        without a retriever. Dev and test candidates get their retriever
+        ranks back here (the builders store them shuffled)."""
+        if self.retriever is None:
+            return None
+        for split in ("dev", "test"):
+            self.ranks[split] = retrieval_ranks(self.splits[split], self.retriever)
+        dev = self.splits["dev"]
+        scored = score_queries(
+            self.model, dev, batch_size=self.req.eval_batch_size, exact_margin=self.req.exact_margin
+        )
+        gold = [q.gold_index() for q in dev]
+        prior = fit_retrieval_prior([[s for _, s, _ in c] for c in scored], self.ranks["dev"], gold)
+        info = dict(prior.info)
+        info["test_top1_retriever"] = _retriever_top1(self.splits["test"], self.ranks["test"])
+        bm25 = getattr(self.retriever, "bm25", None)
+        if getattr(self.retriever, "mode", "bm25") == "fused" and bm25 is not None:
+            # the fused retriever's BM25 half alone, over the whole ontology
+            for split in ("dev", "test"):
+                qs = self.splits[split]
+                hits = bm25.search([q.mention for q in qs], 1)
+                info[f"{split}_top1_bm25"] = sum(
+                    bool(h) and h[0][0] == q.gold for h, q in zip(hits, qs, strict=True)
+                ) / len(qs)
+        self._emit(
+            UpdateProgress(
+                "evaluate",
+                message=f"retrieval prior: beta={prior.beta:.4g} (dev top-1 {info['dev_top1']:.4f}; "
+                f"model {info['dev_top1_model']:.4f}, retriever {info['dev_top1_retriever']:.4f})",
+            )
+        )
+        return RetrievalPrior(prior.beta, prior.kind, info)
+
     def _evaluate(self) -> tuple[Metrics, Metrics, list[float], bool]:
         size = self.req.eval_batch_size
-        margin = self.req.exact_margin
-        test = evaluate(self.model, self.splits["test"], batch_size=size, exact_margin=margin)
-        dev = evaluate(self.model, self.splits["dev"], batch_size=size, exact_margin=margin)
+        test = evaluate(self.model, self.splits["test"], **self._served("test"))
+        dev = evaluate(self.model, self.splits["dev"], **self._served("dev"))
+        # What each prior adds: the served score against the same model without them.
+        # (Only those that differ from the served score: no extra pass by default.)
+        variants = {}
+        if self.prior is not None or self.req.exact_margin:
+            variants["model_alone"] = 0.0
+        if self.prior is not None and self.req.exact_margin:
+            variants["exact_only"] = self.req.exact_margin
+        for name, margin in variants.items():
+            self.ablations[name] = {
+                split: evaluate(
+                    self.model, self.splits[split], batch_size=size, exact_margin=margin
+                ).as_dict()
+                for split in ("dev", "test")
+            }
         forgetting = predicted_forgetting(self.model, self.priors) if self.priors else []
         gate = self.req.quality_gate
         failures = []
@@ -333,11 +408,7 @@ class _Job:
             failures.append(f"test accuracy {test.accuracy:.4f} < {gate}")
         floor = self.req.retriever_dev_top1
         if floor is not None and dev.accuracy < floor:
-            failures.append(
-                f"dev top-1 {dev.accuracy:.4f} is below the retriever's own dev top-1 "
-                f"{floor:.4f} on the same split: serving this model would rank worse than "
-                "its candidates arrive; train longer or on more data"
-            )
+            failures.append(self._floor_message(dev.accuracy, floor))
         passed = not failures
         self.gate_message = "; ".join(failures)
         verdict = "passed" if passed else f"FAILED ({self.gate_message})"
@@ -350,18 +421,38 @@ class _Job:
         )
         return test, dev, forgetting, passed
 
+    def _floor_message(self, dev_top1: float, floor: float) -> str:
+        """Why the served dev top-1 is below the retriever's, and what to do."""
+        what = (
+            f"dev top-1 {dev_top1:.4f} of the served score is below the retriever's own "
+            f"dev top-1 {floor:.4f} on the same split: serving this version would rank "
+            "worse than the candidates arrive. "
+        )
+        if self.prior is None:
+            return what + (
+                "No retrieval prior was fitted (run_update got no retriever), so the score "
+                "is the model's alone: pass the retriever that made the candidates "
+                "(run_update(..., retriever=...); the worker does), or train longer or on "
+                "more data"
+            )
+        return what + (
+            f"The fitted retrieval prior (beta={self.prior.beta:.4g}) reproduces its "
+            f"retriever's order, dev top-1 {self.prior.info.get('dev_top1_retriever', 0):.4f}, "
+            "at the grid's largest beta, so the floor was measured with another retriever "
+            "than the one passed to run_update: measure both with the same retriever "
+            "(settings retriever_mode, bm25_candidates)"
+        )
+
     def _calibrate(self) -> dict | None:
         """P(top-1 right) fitted on dev, end to end: a dev query whose gold is not
-        among its candidates counts as wrong (kronlink.calibration). The test
-        split's ECE before and after is recorded beside it. None (logged) when
+        among its candidates counts as wrong (kronlink.calibration). The scores
+        are the served ones (retrieval prior included). The test split's ECE
+        before and after is recorded beside it. None (logged) when
         dev cannot be calibrated against (too small, or all right/all wrong):
         the version then serves without a calibrated probability."""
-        size, margin = self.req.eval_batch_size, self.req.exact_margin
         rows, right = {}, {}
         for split in ("dev", "test"):
-            scored = score_queries(
-                self.model, self.splits[split], batch_size=size, exact_margin=margin
-            )
+            scored = score_queries(self.model, self.splits[split], **self._served(split))
             rows[split] = [[s for _, s, _ in cands] for cands in scored]
             right[split] = [
                 bool(cands) and max(cands, key=lambda c: c[1])[0] == q.gold
@@ -407,6 +498,16 @@ class _Job:
             "lambdas": self.lambdas,
         }
         return TaskState.from_model(self.model, curvature, stats)
+
+
+def _retriever_top1(queries: Sequence[Query], ranks: Sequence[Sequence[int]]) -> float:
+    """Share of queries whose gold is the retriever's (unique) first candidate."""
+    right = sum(
+        1
+        for q, rk in zip(queries, ranks, strict=True)
+        if (g := q.gold_index()) >= 0 and rk[g] == 0 and list(rk).count(0) == 1
+    )
+    return right / len(queries) if queries else 0.0
 
 
 class _Phase:

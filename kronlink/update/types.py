@@ -225,6 +225,12 @@ class UpdateResult:
     gate_message: str = ""  # why the gate failed; "" when it passed
     # kronlink.calibration.Calibrator.as_dict(), fitted on dev; None: not calibrated
     calibration: dict[str, Any] | None = None
+    # kronlink.retrieval_prior.RetrievalPrior.as_dict(), fitted on dev (its info
+    # holds the grid and the retriever's dev/test top-1); None: no retriever given
+    retrieval_prior: dict[str, Any] | None = None
+    # dev/test metrics of the same model without the retrieval prior ("exact_only")
+    # and without any prior ("model_alone"); ``test``/``dev`` are the served score's
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -245,4 +251,6 @@ class UpdateResult:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "new_state_stats": dict(self.new_state.stats) if self.new_state else None,
             "calibration": self.calibration,
+            "retrieval_prior": self.retrieval_prior,
+            "ablations": self.ablations,
         }

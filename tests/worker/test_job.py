@@ -109,7 +109,7 @@ def test_cancel_mid_training_leaves_the_active_version(ctx: JobContext, settings
     staged_id = stage(settings, make_task("delta", 4))
     job_id = submit(ctx, "delta", staged_id, method="kfc", lambdas=10.0)
 
-    def cancelling_update(model, priors, task, request, *, on_progress, should_stop):
+    def cancelling_update(model, priors, task, request, *, on_progress, should_stop, **kw):
         def progress(p):
             on_progress(p)
             if p.phase == "train" and not should_stop():
@@ -120,7 +120,7 @@ def test_cancel_mid_training_leaves_the_active_version(ctx: JobContext, settings
                     time.sleep(0.05)
 
         return run_update(
-            model, priors, task, request, on_progress=progress, should_stop=should_stop
+            model, priors, task, request, on_progress=progress, should_stop=should_stop, **kw
         )
 
     ctx.update_fn = cancelling_update
@@ -200,7 +200,7 @@ def test_a_lost_lease_leaves_the_data_to_the_next_attempt(
     staged_id = stage(settings, make_task("zeta", 6))
     job_id = submit(ctx, "zeta", staged_id, method="kfc", lambdas=10.0)
 
-    def stalling_update(model, priors, task, request, *, on_progress, should_stop):
+    def stalling_update(model, priors, task, request, *, on_progress, should_stop, **kw):
         def progress(p):
             if p.phase == "train" and not should_stop():
                 with ctx.factory.begin() as s:  # the lease runs out under us
@@ -210,7 +210,7 @@ def test_a_lost_lease_leaves_the_data_to_the_next_attempt(
             on_progress(p)
 
         return run_update(
-            model, priors, task, request, on_progress=progress, should_stop=should_stop
+            model, priors, task, request, on_progress=progress, should_stop=should_stop, **kw
         )
 
     ctx.update_fn = stalling_update
@@ -254,7 +254,9 @@ def test_an_activating_job_publishes_a_notice_on_redis(ctx: JobContext) -> None:
             pytest.fail(f"Redis at {url} is unreachable ({exc}); CI=true requires it")
         pytest.skip(f"Redis at {url} is unreachable ({exc})")
     lineage = f"notice-{os.getpid()}-{time.monotonic_ns()}"  # other tests share the channel
-    s = ctx.settings.model_copy(update={"broker_url": url})
+    # Without the retrieval prior: with it, BM25 answers these "<name> noted"
+    # mentions all right and the job meant to fail its gate below would pass.
+    s = ctx.settings.model_copy(update={"broker_url": url, "retrieval_prior": False})
     ctx = dataclasses.replace(ctx, settings=s)  # same registry, a Redis broker
     sub = client.pubsub()
     sub.subscribe(CHANNEL)
@@ -342,7 +344,9 @@ def test_gate_refuses_a_version_below_its_retrievers_dev_top1(
     from kronlink.data.splits import without_query_strings
     from kronlink.retrieval import retriever_for
 
-    ctx = replace(ctx, settings=settings.model_copy(update={"retriever_gate": True}))
+    # the model's own score: the retrieval prior would lift it to the retriever's
+    off = {"retriever_gate": True, "retrieval_prior": False}
+    ctx = replace(ctx, settings=settings.model_copy(update=off))
     task = make_task("gated", 7)
     dev = task.split("dev")
     r = retriever_for(without_query_strings(task.concepts, task.queries), settings)
@@ -356,4 +360,31 @@ def test_gate_refuses_a_version_below_its_retrievers_dev_top1(
     assert active is None and len(versions) == 1
     dev_acc = versions[0].metrics["dev"]["accuracy"]
     assert dev_acc < 1.0
-    assert f"dev top-1 {dev_acc:.4f} is below the retriever's own dev top-1 1.0000" in job.error
+    assert (
+        f"dev top-1 {dev_acc:.4f} of the served score is below the retriever's own dev top-1 "
+        "1.0000" in job.error
+    )
+    assert "No retrieval prior was fitted" in job.error and "retriever=" in job.error
+
+
+def test_with_the_retrieval_prior_the_same_job_passes_the_gate_and_the_version_keeps_it(
+    ctx: JobContext, settings: Settings
+) -> None:
+    """The same task and tiny epoch as above, with the retrieval prior on (the
+    default): beta is fitted on dev, the served dev top-1 reaches the
+    retriever's 1.0, the gate passes, and the version records the prior (the
+    service reads it from there) beside the model's own accuracy."""
+    from dataclasses import replace
+
+    ctx = replace(ctx, settings=settings.model_copy(update={"retriever_gate": True}))
+    job_id = submit(ctx, "gated", stage(settings, make_task("gated", 7)), method="none")
+    assert run_job(ctx, job_id) == Outcome.SUCCEEDED
+    with ctx.factory.begin() as s:
+        active = active_version(s, "main")
+    assert active is not None
+    m = active.metrics
+    prior = m["retrieval_prior"]
+    assert prior["info"]["dev_top1_retriever"] == 1.0
+    assert m["dev"]["accuracy"] == 1.0 >= m["ablations"]["model_alone"]["dev"]["accuracy"]
+    assert prior["beta"] > 0 and prior["info"]["n_dev"] == 8
+    assert m["retriever_mode"] == settings.retriever_mode
