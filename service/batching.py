@@ -61,7 +61,9 @@ class Answer(list[dict[str, Any]]):
 
     ``confidence``: the version's calibrated probability that the top answer
     is right (kronlink.calibration), None when the version has no calibration.
-    ``no_match``: ``confidence`` is below the ``no_match_below`` setting.
+    ``no_match``: ``confidence`` is below the ``no_match_below`` setting, or
+    there is no candidate (the retriever found nothing sharing a word with
+    the mention; ``confidence`` is then 0 for a calibrated version).
     """
 
     confidence: float | None = None
@@ -141,20 +143,30 @@ def rank_items(
         )
         for it, c in zip(items, cands, strict=True)
     ]
-    scored: list[tuple[list[float], list[float]]] = []
-    for start in range(0, len(queries), max_size):
-        scored.extend(
-            model.score(
-                queries[start : start + max_size],
-                exact_margin=exact_margin,
-                exact_ids=exact_ids[start : start + max_size],
-                retrieval_ranks=ranks[start : start + max_size],
-            )
+    # A query without candidates (nothing retrieved) is not scored: it is
+    # answered "no match" with no results.
+    live = [i for i, q in enumerate(queries) if q.candidates]
+    scored: list[tuple[list[float], list[float]]] = [([], [])] * len(queries)
+    for start in range(0, len(live), max_size):
+        part = live[start : start + max_size]
+        results = model.score(
+            [queries[i] for i in part],
+            exact_margin=exact_margin,
+            exact_ids=[exact_ids[i] for i in part],
+            retrieval_ranks=[ranks[i] for i in part],
         )
+        for i, r in zip(part, results, strict=True):
+            scored[i] = r
     out: list[Ranked] = []
     cal = model.calibrator
     for it, q, (scores, probs) in zip(items, queries, scored, strict=True):
         order = sorted(range(len(scores)), key=lambda j: -scores[j])
+        if not scores:
+            answer = Answer()
+            answer.confidence = 0.0 if cal is not None else None
+            answer.no_match = True
+            out.append(answer)
+            continue
         confidence = cal.top_probability(scores) if cal is not None else None
         if it.top_k is not None:
             order = order[: it.top_k]

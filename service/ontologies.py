@@ -45,9 +45,15 @@ class OntologyIndex:
         return frozenset(self.index.ids[i] for i in self.index.exact(mention))
 
     def candidates(self, mentions: Sequence[str], k: int) -> list[tuple[Candidate, ...]]:
-        """The top ``k`` concepts per mention, best first (model thread only)."""
+        """The top ``k`` concepts per mention with retrieval evidence, best
+        first (model thread only); fewer, or none, when fewer have any.
+
+        A concept BM25 scores 0 shares no token with the mention: BM25 fills
+        its top k with the first concepts of the ontology then, and the
+        ranker, made to pick one, served "flu" -> "A00 Cholera". Such filler
+        is not a candidate (an exact match scores inf, a fused hit > 0)."""
         return [
-            tuple(Candidate(cid, self.concepts[cid].name) for cid, _ in hits)
+            tuple(Candidate(cid, self.concepts[cid].name) for cid, score in hits if score > 0)
             for hits in self.index.search(list(mentions), k)
         ]
 

@@ -96,7 +96,9 @@ _CONFIDENCE = (
 _NO_MATCH = (
     "true when confidence is below the service's no_match_below setting: the right "
     "concept is probably not among the results. The results are still listed, best "
-    "first, as suggestions; do not take results[0] as the answer"
+    "first, as suggestions; do not take results[0] as the answer. Also true, with no "
+    "results, when the ontology's retriever found no concept sharing a word with the "
+    "mention (check the spelling, or send candidates)"
 )
 
 

@@ -315,8 +315,11 @@ def test_update_calibrates_on_dev_end_to_end_gold_absent_counts_as_wrong() -> No
     queries = []
     for q in base.queries:
         if q.split in ("dev", "test"):
-            for _ in range(2):  # 64 per split; every second one misses its gold
-                if len(queries) % 2:
+            # 64 per split; three of every four miss their gold. (With every
+            # second one missing, the raw softmax's overconfidence, 0.437
+            # against 26/64 right, was too slight to assert in isolation.)
+            for _ in range(2):
+                if len(queries) % 4:
                     others = [n for n in NAMES if n != q.gold]
                     cands = tuple(Candidate(c, c) for c in rng.sample(others, 4))
                     queries.append(replace(q, candidates=cands))
@@ -334,7 +337,7 @@ def test_update_calibrates_on_dev_end_to_end_gold_absent_counts_as_wrong() -> No
     scored = score_queries(res.model, dev)
     rows = [[s for _, s, _ in c] for c in scored]
     right = [max(c, key=lambda x: x[1])[0] == q.gold for q, c in zip(dev, scored, strict=True)]
-    assert sum(right) <= 33  # half the gold answers are not there to be found
+    assert sum(right) <= 17  # three quarters of the gold answers are not there to be found
     again = fit_calibrator(rows, right)
     assert again.kind == cal["kind"]
     for k, v in again.params.items():

@@ -385,10 +385,13 @@ def test_valid_unicode_mentions_get_ranked_candidates(env: Env, mention: str) ->
         assert r.status_code == 200, r.text
         assert r.json()["model_version"]["id"] == env.version_id
         _ranked(r.json()["results"], [x["id"] for x in UCANDS])
-        # BM25 candidates from the stored ontology: any answer, never a 5xx
+        # BM25 candidates from the stored ontology: never a 5xx; a mention
+        # sharing no word with the ontology is an explicit no-match
         bm = _post(c, "/v1/link", {"mention": mention, "ontology": "toy", "top_k": 3})
         assert bm.status_code == 200, bm.text
-        assert 1 <= len(bm.json()["results"]) <= 3
+        body = bm.json()
+        assert len(body["results"]) <= 3
+        assert body["no_match"] is (not body["results"])
 
 
 INVALID_MENTIONS: list[tuple[str, Any, str, str]] = [

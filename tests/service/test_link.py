@@ -77,9 +77,23 @@ def test_link_generates_candidates_from_a_registered_ontology(shared) -> None:
     r = c.post("/v1/link", json={"mention": "juvenile diabetes", "ontology": "toy"})
     assert r.status_code == 200, r.text
     ids = [x["id"] for x in r.json()["results"]]
-    assert "D002" in ids and len(ids) == 6  # bm25_candidates (10) capped by the 6 concepts
+    # only concepts sharing a word with the mention: the exact synonym's and the other diabetes
+    assert sorted(ids) == ["D001", "D002"]
     r = c.post("/v1/link", json={"mention": "high blood pressure", "ontology": "toy", "top_k": 2})
-    assert len(r.json()["results"]) == 2
+    assert [x["id"] for x in r.json()["results"]] == ["H001"]
+
+
+def test_a_mention_the_retriever_finds_nothing_for_is_no_match_with_no_results(shared) -> None:
+    """BM25 used to fill the candidates with the ontology's first concepts and
+    the ranker picked one of them ("flu" -> "A00 Cholera" on ICD-10-CM)."""
+    c, _ = shared
+    body = c.post("/v1/link", json={"mention": "flu", "ontology": "toy"}).json()
+    assert body["results"] == [] and body["no_match"] is True
+    assert body["confidence"] is None  # this version has no calibration
+    items = [{"mention": "flu", "ontology": "toy"}, {"mention": "fever", "ontology": "toy"}]
+    batch = c.post("/v1/link/batch", json={"items": items}).json()["items"]
+    assert batch[0] == {"results": [], "confidence": None, "no_match": True}
+    assert batch[1]["results"][0]["id"] == "F001" and batch[1]["no_match"] is False
 
 
 def test_batch_answers_every_item_with_one_version(shared) -> None:
@@ -93,7 +107,7 @@ def test_batch_answers_every_item_with_one_version(shared) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_version"]["id"] == v.id
-    assert [len(i["results"]) for i in body["items"]] == [2, 3, 3]
+    assert [len(i["results"]) for i in body["items"]] == [2, 1, 3]  # only F001 has "pyrexia"
     single = c.post("/v1/link", json=items[2]).json()["results"]
     assert [x["id"] for x in body["items"][2]["results"]] == [x["id"] for x in single]
 

@@ -28,6 +28,7 @@ VALID = [
     {"mention": "t2dm", "candidates": CANDS, "top_k": 1},
     {"mention": "fever", "right_context": "and chills", "candidates": CANDS[:2], "top_k": None},
     {"mention": "juvenile diabetes", "ontology": "toy"},
+    {"mention": "flu", "ontology": "toy"},  # nothing retrieved: no results, no_match
     {"mention": "high blood pressure", "ontology": "toy", "top_k": 2, "lineage": "main"},
     {"mention": "fièvre — ünïcode", "ontology": "toy", "candidates": None},
     {"mention": "asthma", "candidates": CANDS, "ontology": None, "lineage": None},
