@@ -253,5 +253,6 @@ def test_compose_stack_bootstraps_and_links(stack) -> None:
         link = c.post("/v1/link", json={"mention": "pyrexia", "ontology": "toy", "top_k": 2})
         assert link.status_code == 200, link.text
         out = link.json()
-        assert out["model_version"]["number"] == 1 and len(out["results"]) == 2
-        assert {r["id"] for r in out["results"]} <= {o["id"] for o in ONTOLOGY}
+        # only C1 shares a word with "pyrexia": the one candidate there is
+        assert out["model_version"]["number"] == 1
+        assert [r["id"] for r in out["results"]] == ["C1"] and out["no_match"] is False
