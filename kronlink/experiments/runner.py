@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kronlink.experiments.claims import Busy
 from kronlink.experiments.config import ExperimentConfig, RankerSpec, TierSpec
 from kronlink.experiments.engine import (
     Event,
@@ -154,10 +155,20 @@ class _Protocol(_Engine):
         """Runs every λ vector of ``candidates`` and applies both rules, with
         ``reference`` (the unpenalised run) as the new task's yardstick; the
         old-data rule weighs the drops of ``select_on`` (default: every prior)."""
-        rows = [
-            self._stage(tier, ranker, seed, parent, seen, new, method, lam, priors, keep_weights)
-            for lam in candidates
-        ]
+        rows, busy = [], None
+        for lam in candidates:
+            # A row another process is running is skipped, not waited for, so
+            # processes side by side share one grid.
+            try:
+                rows.append(
+                    self._stage(
+                        tier, ranker, seed, parent, seen, new, method, lam, priors, keep_weights
+                    )
+                )
+            except Busy as exc:
+                busy = busy or exc
+        if busy is not None:
+            raise busy
         names = list(select_on) if select_on else [k["name"] for k in seen]
         new_name = new["name"]
         grid = [
@@ -224,13 +235,15 @@ class _Protocol(_Engine):
             if not self.execute:
                 self.results.missing.append(f"layers {spec_id(spec)}")
                 return
-            self._check_time("layers")
-            wall0 = time.perf_counter()
-            model = self._model_of(record, ranker, seed)
-            rec = self.store.put(
-                "layers", spec, {"omega": omega_by_layer(model, self._load_state(sid))}
-            )
-            self._took("layers", time.perf_counter() - wall0)
+            with self.claims.hold(f"layers-{spec_id(spec)}"):
+                rec = self.store.get("layers", spec)
+                if rec is None:
+                    self._check_time("layers")
+                    wall0 = time.perf_counter()
+                    model = self._model_of(record, ranker, seed)
+                    omega = omega_by_layer(model, self._load_state(sid))
+                    rec = self.store.put("layers", spec, {"omega": omega})
+                    self._took("layers", time.perf_counter() - wall0)
         self.results.layers[key] = rec
 
     def tier3(
@@ -346,13 +359,17 @@ class _Protocol(_Engine):
             if not self.execute:
                 self.results.missing.append("figure2")
                 raise Missing("figure 2 is not stored")
-            self._check_time("figure2")
-            result = figure2_run(self.task(key).train, spec_cfg, path)
-            rec = self.store.put("figure2", spec, result)
-            self.results.ran += 1
-            self.emit(f"figure 2: relative errors {result['relative_error']}")
+            with self.claims.hold(f"figure2-{spec_id(spec)}"):
+                rec = self.store.get("figure2", spec)
+                if rec is None or not path.exists():
+                    self._check_time("figure2")
+                    self.emit("running figure 2")
+                    result = figure2_run(self.task(key).train, spec_cfg, path)
+                    rec = self.store.put("figure2", spec, result)
+                    self.ran_here.add("figure2")
+                    self.emit(f"figure 2: relative errors {result['relative_error']}")
         else:
-            self.results.reused += 1
+            self.found.add("figure2")
         self.results.figure2 = {**rec, "matrices": str(path)}
 
     # ---- driver ----------------------------------------------------------------------
@@ -366,14 +383,49 @@ class _Protocol(_Engine):
         return seeds is None or seed in seeds
 
     def _guard(self, fn: Callable[[], Any]) -> None:
-        """In report mode a missing run skips its cell, not the whole report."""
+        """In report mode a missing run skips its cell, not the whole report;
+        a run another process holds defers its cell to the next pass."""
         try:
             fn()
         except Missing:
             self.results.complete = False
+        except Busy as exc:
+            self.results.complete = False
+            if exc.name not in self._told:
+                self._told.add(exc.name)
+                self.emit(f"{exc.name}: another process is running it; on to the next")
+            self._busy.append(exc.name)
 
     def run(self) -> Results:
+        """Walk the protocol until nothing is left. A cell whose run (or a run
+        it needs) another process holds is skipped; the walk is repeated,
+        waiting for one held run whenever a pass could start nothing, so
+        processes sharing a results folder split the work and each run is
+        computed once. Each pass rebuilds ``results`` from the store."""
+        self._told: set[str] = set()
+        while True:
+            before = len(self.ran_here)
+            self._busy: list[str] = []
+            self.results = Results(self.cfg)
+            stopped = self._walk()
+            if stopped or not self._busy:
+                break
+            # Nothing could start: wait for one held run rather than spin.
+            if len(self.ran_here) == before and not self.claims.wait_free(
+                self._busy[0], self.deadline
+            ):
+                self.results.complete = False
+                self.emit("time budget spent waiting for another process; rerun to continue")
+                break
+        # Training runs and Figure 2, as before; curvature states are not counted.
+        self.results.ran = sum(1 for r in self.ran_here if not r.startswith("state "))
+        self.results.reused = len(self.found - self.ran_here)
+        return self.results
+
+    def _walk(self) -> bool:
+        """One pass over the protocol; True if the time budget stopped it."""
         cfg = self.cfg
+        stopped = False
         try:
             if cfg.figure2 is not None and (
                 self.only_tiers is None or "figure2" in self.only_tiers
@@ -389,10 +441,11 @@ class _Protocol(_Engine):
                         self._ranker_seed(ranker, rule, seed, tiers, headline)
         except OutOfTime:
             self.results.complete = False
+            stopped = True
             self.emit("time budget spent: stopped before the next run; rerun to continue")
         if self.results.missing:
             self.results.complete = False
-        return self.results
+        return stopped
 
     def _ranker_seed(
         self, ranker: RankerSpec, rule: str, seed: int, tiers: set[str], headline: bool
@@ -433,12 +486,31 @@ def run_experiment(
     max_seconds: float | None = None,
     on_event: Event | None = None,
     guess_seconds: Mapping[str, float] | None = None,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> Results:
     """Run every run of ``cfg`` that is not stored yet (optionally only some
     tiers, rankers or seeds). With ``max_seconds``, no run starts that would
     not end inside that budget (its length: the longest of its kind so far,
     else ``guess_seconds[kind]``, else 0); ``Results.complete`` is then False
-    and a rerun goes on."""
+    and a rerun goes on. With ``workers`` > 1, that many processes run
+    independent runs side by side (parallel.py), ``threads`` torch threads
+    each (default: the cores split between them); with one, this process
+    runs everything and its thread setting is left alone."""
+    if workers > 1:
+        from kronlink.experiments.parallel import run_side_by_side
+
+        return run_side_by_side(
+            cfg,
+            workers,
+            tiers=tiers,
+            rankers=rankers,
+            seeds=seeds,
+            max_seconds=max_seconds,
+            on_event=on_event,
+            guess_seconds=guess_seconds,
+            threads=threads,
+        )
     deadline = time.monotonic() + max_seconds if max_seconds is not None else None
     proto = _Protocol(
         cfg,

@@ -1,0 +1,129 @@
+"""Runs side by side: ``workers`` processes walk the same protocol over the
+same results folder (issue 14, item 5).
+
+Nothing is handed out centrally. Each worker walks the protocol as
+``run_experiment`` does with one process; the claims (claims.py) make a run
+another worker is computing a skip rather than a second computation, and a
+cell whose parent model or curvature state is still being computed waits for
+a later pass. So dependencies hold by construction: a run starts only from
+what is stored. Each record is stored when its run ends, so a killed worker
+loses only the run it was in; its claim dies with it, and another worker (or
+the parent's closing pass) runs it again.
+
+Spawned processes, not forked: CUDA cannot be initialised in a forked child
+(pytorch #40403), and on a GPU every worker opens the same device. On CPU
+each worker gets ``cores // workers`` threads, so the workers do not
+oversubscribe the cores between them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from kronlink.experiments.config import ExperimentConfig
+from kronlink.experiments.engine import Event, Results
+
+__all__ = ["default_threads", "run_side_by_side"]
+
+
+def default_threads(workers: int) -> int:
+    """Threads per worker: the cores this process may use, split evenly."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+def _worker(
+    cfg: ExperimentConfig,
+    options: dict[str, Any],
+    end: float | None,
+    threads: int,
+    conn: Connection,
+) -> None:
+    import torch
+
+    from kronlink.experiments.runner import run_experiment
+
+    torch.set_num_threads(threads)
+    conn.send(("event", f"started (pid {os.getpid()}, {threads} thread(s))"))
+    # The deadline is wall-clock: a spawned worker starts seconds after its parent.
+    left = None if end is None else max(0.0, end - time.time())
+    res = run_experiment(
+        cfg, **options, max_seconds=left, on_event=lambda m: conn.send(("event", m))
+    )
+    conn.send(("event", f"finished: ran {res.ran}, complete {res.complete}"))
+    conn.close()
+
+
+def run_side_by_side(
+    cfg: ExperimentConfig,
+    workers: int,
+    *,
+    tiers: Sequence[str] | None = None,
+    rankers: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    max_seconds: float | None = None,
+    on_event: Event | None = None,
+    guess_seconds: Mapping[str, float] | None = None,
+    threads: int | None = None,
+) -> Results:
+    """``run_experiment`` with ``workers`` processes, then one closing pass in
+    this process that collects the results (and runs whatever a worker that
+    died left). ``ran``: the runs stored during the call (a killed worker
+    reports nothing, so they are counted from the store, not from reports)."""
+    from kronlink.experiments.runner import _Protocol
+
+    walk: dict[str, Any] = {"tiers": tiers, "rankers": rankers, "seeds": seeds}
+    before = _Protocol(cfg, execute=False, **walk)
+    before.run()
+    emit = on_event or (lambda _m: None)
+    end = None if max_seconds is None else time.time() + max_seconds
+    options = {**walk, "guess_seconds": guess_seconds}
+    ctx = mp.get_context("spawn")
+    # A worker whose parent is gone fails its next report (a broken pipe) and
+    # ends, rather than running on unseen.
+    per_worker = threads or default_threads(workers)
+    readers: dict[Connection, int] = {}
+    procs = []
+    for i in range(1, workers + 1):
+        # One pipe per worker, not a shared queue: a worker killed while
+        # writing to a shared queue can leave its lock held for the others.
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(
+            target=_worker, args=(cfg, options, end, per_worker, send), name=f"kronlink-w{i}"
+        )
+        p.start()
+        send.close()
+        readers[recv] = i
+        procs.append(p)
+    while readers:
+        for conn in wait(list(readers)):
+            i = readers[conn]
+            try:
+                what, body = conn.recv()
+            except EOFError:  # the worker ended (or was killed)
+                del readers[conn]
+                continue
+            if what == "event":
+                emit(f"w{i}: {body}")
+    for i, p in enumerate(procs, 1):
+        p.join()
+        if p.exitcode != 0:
+            emit(f"w{i}: ended with exit code {p.exitcode}; its unfinished run is left to the rest")
+    left = None if end is None else max(0.0, end - time.time())
+    closing = _Protocol(
+        cfg,
+        execute=True,
+        deadline=None if left is None else time.monotonic() + left,
+        on_event=on_event,
+        guess_seconds=guess_seconds,
+        **walk,
+    )
+    res = closing.run()
+    res.reused = len(before.found)
+    now = {r for r in closing.found | closing.ran_here if not r.startswith("state ")}
+    res.ran = len(now - before.found)
+    return res

@@ -1,0 +1,266 @@
+"""Runs side by side (issue 14, item 5): processes sharing one results folder
+split the runs, never compute one run or curvature state twice, store the
+same numbers as one process does, and a killed process loses only what it
+was in the middle of.
+
+The config: tier 1 on three tiny tasks, then tier 2 (none, KFC at two λ) on
+(alpha, beta) and (alpha, gamma). Both tier-2 cells start from tier 1's alpha
+model and its curvature state: the state two processes would both write."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from experiment_helpers import write_tiny_tasks
+
+from kronlink.experiments import load_config, run_experiment
+from kronlink.experiments.claims import Busy, Claims
+from kronlink.experiments.store import RunStore
+
+RUNS = 3 + 2 * 3  # tier 1 per task; per tier-2 ordering: none and KFC at 2 λ
+REPO = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+name = "{name}"
+results = "{results}"
+seeds = [0]
+device = "cpu"
+
+[tasks]
+names = ["alpha", "beta", "gamma"]
+dirs = {{ alpha = "{tasks}/alpha", beta = "{tasks}/beta", gamma = "{tasks}/gamma" }}
+
+[curvature]
+batch_size = 16
+
+[selection]
+grid = [0.1, 10.0]
+
+[rankers.cnn]
+kind = "cnn"
+model = {{ tokenizer = "none", embedding_dim = 8, channels = 8, hidden_size = 8, dropout = 0.0, max_query_length = 24, max_name_length = 12 }}
+train = {{ epochs = {epochs}, batch_size = 8, lr = 3e-3, head_lr = 3e-3 }}
+tiers = ["tier1", "tier2"]
+tier2_orderings = [["alpha", "beta"], ["alpha", "gamma"]]
+tier2_methods = ["none", "kfc"]
+
+[early]
+ordering = ["alpha", "beta"]
+"""
+
+
+def _config(root: Path, name: str, epochs: int = 2) -> Path:
+    tasks = root / "tasks"
+    if not tasks.exists():
+        write_tiny_tasks(tasks)
+    path = root / f"{name}.toml"
+    text = CONFIG.format(name=name, results=root / name, tasks=tasks, epochs=epochs)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _numbers(results: Path) -> dict[str, dict]:
+    """Every run record's numbers by id: what must not depend on who ran it."""
+    out = {}
+    for kind in ("tier1", "tier2", "state", "layers"):
+        for rec in RunStore(results).records(kind):
+            keep = {k: rec[k] for k in ("metrics", "predicted_forgetting", "omega") if k in rec}
+            if "train" in rec:
+                keep["history"] = rec["train"]["history"]
+            keep["n_examples"] = rec.get("n_examples")
+            out[f"{kind} {rec['id']}"] = keep
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    """One process, one thread (as each worker below): the numbers to match."""
+    root = tmp_path_factory.mktemp("side")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_experiment(load_config(_config(root, "one")))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.complete and res.ran == RUNS
+    numbers = _numbers(root / "one")
+    assert len([k for k in numbers if k.startswith(("tier1", "tier2"))]) == RUNS
+    assert len([k for k in numbers if k.startswith("state")]) == 1
+    return root, numbers
+
+
+def _experiment_process(path: str, go: mp.Event, out: str) -> None:
+    """A whole ``run_experiment`` in its own process, started on ``go``."""
+    torch.set_num_threads(1)
+    events: list[str] = []
+    go.wait(60)
+    res = run_experiment(load_config(path), on_event=events.append)
+    Path(out).write_text(json.dumps({"ran": res.ran, "complete": res.complete, "events": events}))
+
+
+def test_two_processes_share_a_state_without_collision_or_loss(reference, tmp_path: Path) -> None:
+    root, numbers = reference
+    path = _config(root, "two")
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    outs = [tmp_path / f"p{i}.json" for i in (1, 2)]
+    procs = [ctx.Process(target=_experiment_process, args=(str(path), go, str(o))) for o in outs]
+    for p in procs:
+        p.start()
+    go.set()  # both walk the same protocol from the same moment
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    reports = [json.loads(o.read_text()) for o in outs]
+    assert all(r["complete"] for r in reports)
+    # Each run computed once, by one of them, and both did some of the work.
+    assert sum(r["ran"] for r in reports) == RUNS
+    assert all(r["ran"] >= 1 for r in reports)
+    started = [e for r in reports for e in r["events"] if e.startswith("running ")]
+    assert len(started) == len(set(started)) == RUNS + 1  # + the shared curvature state
+    assert sum(e.startswith("running state") for e in started) == 1
+    # The same records, with the same numbers, as one process stores alone.
+    assert _numbers(root / "two") == numbers
+    assert [p.name for p in (root / "two").rglob("*.tmp")] == []
+
+
+def test_workers_flag_stores_what_one_process_does(reference) -> None:
+    root, numbers = reference
+    path = _config(root, "cli")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kronlink.cli", "experiment", str(path), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["workers"] == 2 and summary["ran"] == RUNS and summary["complete"]
+    # Progress names the worker of every run it started and finished.
+    assert "w1: started" in proc.stderr and "w2: started" in proc.stderr
+    assert sum(" running tier" in line for line in proc.stderr.splitlines()) == RUNS
+    assert _numbers(root / "cli") == numbers
+
+
+def _read_until(proc: subprocess.Popen, done, timeout: float) -> list[str]:
+    """stderr lines of ``proc`` until ``done(lines)`` holds (or it ends)."""
+    lines: list[str] = []
+    end = time.monotonic() + timeout
+    assert proc.stderr is not None
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if done(lines):
+            return lines
+    raise AssertionError("the awaited output never came:\n" + "\n".join(lines[-20:]))
+
+
+def _start(path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kronlink.cli", "experiment", str(path), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,  # its own process group: the test can kill it whole
+    )
+
+
+def _finished(lines: list[str]) -> int:
+    return sum(": test " in line for line in lines)
+
+
+def test_a_killed_experiment_keeps_its_finished_runs(reference) -> None:
+    root, numbers = reference
+    path = _config(root, "killed")
+    proc = _start(path)
+    try:
+        _read_until(proc, lambda lines: _finished(lines) >= 3, 240)
+        os.killpg(proc.pid, signal.SIGKILL)  # parent and both workers, mid-run
+    finally:
+        proc.kill()
+        proc.wait(30)
+    results = root / "killed"
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in results.glob("runs/*/*.json")}
+    done = _numbers(results)
+    trained = [k for k in done if k.startswith(("tier1", "tier2"))]
+    assert 3 <= len(trained) < RUNS
+    # What finished is whole and exactly what one process stores.
+    assert all(numbers[k] == v for k, v in done.items())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = run_experiment(load_config(path))
+    finally:
+        torch.set_num_threads(threads)
+    assert again.complete and again.ran == RUNS - len(trained)  # nothing recomputed
+    for p, (content, mtime) in kept.items():
+        assert p.read_bytes() == content and p.stat().st_mtime_ns == mtime
+    assert set(_numbers(results)) == set(numbers)
+
+
+def test_a_killed_worker_leaves_its_run_to_the_others(reference) -> None:
+    root, numbers = reference
+    path = _config(root, "worker")
+    proc = _start(path)
+    try:
+        lines = _read_until(proc, lambda ls: any(" w2: running " in x for x in ls), 240)
+        pid = int(
+            next(x for x in lines if " w2: started (pid " in x).split("pid ")[1].split(",")[0]
+        )
+        os.kill(pid, signal.SIGKILL)  # w2 dies inside a run, holding its claim
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "w2: ended with exit code -9" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["complete"] and summary["ran"] == RUNS
+    assert _numbers(root / "worker") == numbers
+
+
+def _hold_then_sleep(folder: str, name: str, held: mp.Event) -> None:
+    with Claims(folder).hold(name):
+        held.set()
+        time.sleep(600)
+
+
+def test_claim_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
+    claims = Claims(tmp_path)
+    ctx = mp.get_context("spawn")
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold_then_sleep, args=(str(tmp_path), "tier1-x", held))
+    holder.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(Busy), claims.hold("tier1-x"):
+            pass
+        assert claims.path("tier1-x").read_text().strip() == str(holder.pid)
+        with claims.hold("tier1-y"):  # other names are free
+            pass
+        t0 = time.monotonic()
+        assert not claims.wait_free("tier1-x", deadline=t0 + 0.3)
+        assert time.monotonic() - t0 >= 0.3
+        os.kill(holder.pid, signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
+        holder.join(30)
+        assert claims.wait_free("tier1-x", deadline=time.monotonic() + 30)
+        with claims.hold("tier1-x"), claims.hold("tier1-x"):  # re-entrant in one process
+            assert claims.path("tier1-x").read_text().strip() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.join(30)
