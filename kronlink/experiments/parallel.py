@@ -45,7 +45,7 @@ def _worker(
 ) -> None:
     import torch
 
-    from kronlink.experiments.runner import run_experiment
+    from kronlink.experiments.driver import run_experiment
 
     torch.set_num_threads(threads)
     conn.send(("event", f"started (pid {os.getpid()}, {threads} thread(s))"))
@@ -74,7 +74,7 @@ def run_side_by_side(
     this process that collects the results (and runs whatever a worker that
     died left). ``ran``: the runs stored during the call (a killed worker
     reports nothing, so they are counted from the store, not from reports)."""
-    from kronlink.experiments.runner import _Protocol
+    from kronlink.experiments.driver import _Protocol
 
     walk: dict[str, Any] = {"tiers": tiers, "rankers": rankers, "seeds": seeds}
     before = _Protocol(cfg, execute=False, **walk)
