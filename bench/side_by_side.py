@@ -2,7 +2,7 @@
 for each N (issue 14, item 5: runs side by side).
 
     flock /tmp/kronlink-bench.lock .venv/bin/python bench/side_by_side.py \\
-        --workers 1,2 --repeats 2 --json results/bench/side_by_side_cpu.json
+        --workers 1,2 --repeats 2 --threads 1 --json results/bench/side_by_side_cpu.json
     .venv/bin/python bench/side_by_side.py --from-json results/bench/side_by_side_cpu.json \\
         [--docs docs/benchmarks.md]
 
@@ -14,9 +14,9 @@ that start from the same tier-1 model. Each (N, repeat) is a fresh results
 folder and a fresh ``kronlink experiment`` process, timed whole (imports and
 worker start-up included); the repeats alternate the N values so drift on a
 shared machine hits all of them. The record also says whether every N stored
-the same numbers as the first: each run is seeded, but one process computes
-with the default threads and each of N workers with cores // N, so metrics
-are compared to 1e-6 rather than bit for bit.
+the same numbers as the first (metrics and per-query ranks, to 1e-6): each
+run is seeded, so they must, as long as every process computes with the same
+number of threads (``--threads``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import loadavg, write_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,13 +112,18 @@ def close(a: Any, b: Any, tol: float = 1e-6) -> bool:
     return a == b
 
 
-def run_once(tmp: Path, tasks: Path, workers: int, epochs: int, tag: str) -> dict[str, Any]:
+def run_once(
+    tmp: Path, tasks: Path, workers: int, threads: int | None, epochs: int, tag: str
+) -> dict[str, Any]:
     results = tmp / f"results-{tag}"
     cfg = tmp / f"{tag}.toml"
     cfg.write_text(CONFIG.format(results=results, tasks=tasks, epochs=epochs))
+    cmd = [sys.executable, "-m", "kronlink.cli", "experiment", str(cfg), "--workers", str(workers)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "kronlink.cli", "experiment", str(cfg), "--workers", str(workers)],
+        cmd,
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -145,6 +149,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__,
             "torch_threads_default": torch.get_num_threads(),
         },
+        "threads": args.threads,
         "experiment": {"concepts": args.concepts, "per_concept": args.per_concept,
                        "epochs": args.epochs, "runs": None},
     }  # fmt: skip
@@ -156,7 +161,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.repeats):
             order = levels if r % 2 == 0 else levels[::-1]
             for w in order:
-                row = run_once(tmp, tmp / "tasks", w, args.epochs, f"w{w}-r{r}")
+                row = run_once(tmp, tmp / "tasks", w, args.threads, args.epochs, f"w{w}-r{r}")
                 got = numbers(row.pop("results"))
                 reference = reference or got
                 row["same_numbers"] = close(got, reference)
@@ -193,7 +198,7 @@ def render(rec: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rec["rows"]:
-        threads = (
+        threads = rec.get("threads") or (
             m["torch_threads_default"] if r["workers"] == 1 else max(1, m["cpus"] // r["workers"])
         )
         lines.append(
@@ -211,6 +216,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--concepts", type=int, default=40)
     p.add_argument("--per-concept", type=int, default=6)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="kronlink experiment --threads (default: its own: torch's for one process, "
+        "cores // N for N workers)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--from-json", type=Path, default=None)
     p.add_argument("--docs", type=Path, default=None)

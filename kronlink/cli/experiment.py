@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     if workers < 1:
         print(f"--workers: expected an integer >= 1, got {workers}", file=sys.stderr)
         return 2
+    if args.threads is not None and workers == 1:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     def on_event(message: str) -> None:
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         on_event=on_event,
         workers=workers,
+        threads=args.threads,
     )
     summary = {
         "config": str(args.config),
@@ -86,5 +91,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="processes running independent runs side by side, on one GPU or split over "
         "the CPU cores (default: the config's workers, else 1)",
+    )
+    e.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: with --workers N > 1, the cores split "
+        "between them; with one, torch's own)",
     )
     e.set_defaults(func=run)
