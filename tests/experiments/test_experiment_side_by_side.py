@@ -99,24 +99,39 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 
 def _experiment_process(path: str, go: mp.Event, out: str) -> None:
-    """A whole ``run_experiment`` in its own process, started on ``go``."""
+    """A whole ``run_experiment`` in its own process, started on ``go``; its
+    progress lines go to ``out``.log as they come, its result to ``out``."""
     torch.set_num_threads(1)
     events: list[str] = []
-    go.wait(60)
-    res = run_experiment(load_config(path), on_event=events.append)
+    with open(out + ".log", "a", encoding="utf-8") as log:
+
+        def emit(message: str) -> None:
+            events.append(message)
+            log.write(message + "\n")
+            log.flush()
+
+        go.wait(60)
+        res = run_experiment(load_config(path), on_event=emit)
     Path(out).write_text(json.dumps({"ran": res.ran, "complete": res.complete, "events": events}))
+
+
+def _two_processes(path: Path, outs: list[Path]) -> tuple[list[mp.Process], object]:
+    """The processes, and their start event: the caller keeps it alive until
+    they have read it (a collected event's semaphore is gone)."""
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_experiment_process, args=(str(path), go, str(o))) for o in outs]
+    for p in procs:
+        p.start()
+    go.set()  # both walk the same protocol from the same moment
+    return procs, go
 
 
 def test_two_processes_share_a_state_without_collision_or_loss(reference, tmp_path: Path) -> None:
     root, numbers = reference
     path = _config(root, "two")
-    ctx = mp.get_context("spawn")
-    go = ctx.Event()
     outs = [tmp_path / f"p{i}.json" for i in (1, 2)]
-    procs = [ctx.Process(target=_experiment_process, args=(str(path), go, str(o))) for o in outs]
-    for p in procs:
-        p.start()
-    go.set()  # both walk the same protocol from the same moment
+    procs, _go = _two_processes(path, outs)
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
@@ -148,8 +163,11 @@ def test_workers_flag_stores_what_one_process_does(reference) -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["workers"] == 2 and summary["ran"] == RUNS and summary["complete"]
     # Progress names the worker of every run it started and finished.
-    assert "w1: started" in proc.stderr and "w2: started" in proc.stderr
-    assert sum(" running tier" in line for line in proc.stderr.splitlines()) == RUNS
+    lines = proc.stderr.splitlines()
+    assert any("] w1: started (pid" in line for line in lines)
+    running = [line for line in lines if ": running tier" in line]
+    assert len(running) == RUNS
+    assert all(line.split("] ", 1)[1][:4] in ("w1: ", "w2: ") for line in running)
     assert _numbers(root / "cli") == numbers
 
 
@@ -214,24 +232,31 @@ def test_a_killed_experiment_keeps_its_finished_runs(reference) -> None:
     assert set(_numbers(results)) == set(numbers)
 
 
-def test_a_killed_worker_leaves_its_run_to_the_others(reference) -> None:
+def test_a_killed_process_leaves_its_run_to_the_other(reference, tmp_path: Path) -> None:
     root, numbers = reference
-    path = _config(root, "worker")
-    proc = _start(path)
-    try:
-        lines = _read_until(proc, lambda ls: any(" w2: running " in x for x in ls), 240)
-        pid = int(
-            next(x for x in lines if " w2: started (pid " in x).split("pid ")[1].split(",")[0]
-        )
-        os.kill(pid, signal.SIGKILL)  # w2 dies inside a run, holding its claim
-        out, err = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    assert "w2: ended with exit code -9" in err
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["complete"] and summary["ran"] == RUNS
-    assert _numbers(root / "worker") == numbers
+    path = _config(root, "killed_one")
+    outs = [tmp_path / f"p{i}.json" for i in (1, 2)]
+    procs, _go = _two_processes(path, outs)
+    log = Path(str(outs[1]) + ".log")
+    end = time.monotonic() + 120
+    while not (log.exists() and "running " in log.read_text()):
+        assert time.monotonic() < end and procs[1].is_alive(), "process 2 never started a run"
+        time.sleep(0.02)  # polling a file the other process writes, not a guess at timing
+    os.kill(procs[1].pid, signal.SIGKILL)  # inside a run, holding its claim
+    procs[1].join(30)
+    procs[0].join(120)
+    assert procs[0].exitcode == 0 and procs[1].exitcode == -signal.SIGKILL
+    first = json.loads(outs[0].read_text())
+    assert first["complete"]
+    # Process 1 ran everything process 2 did not store, the killed run included.
+    second = log.read_text().splitlines()
+    by_second = [x for x in second if ": test " in x]
+    assert first["ran"] == RUNS - len(by_second)
+    killed = [x for x in second if x.startswith("running ")][-1]  # "running <kind> <id> ..."
+    kind_id = " ".join(killed.split()[1:3])
+    assert not any(x.startswith(kind_id + " ") for x in second)  # it never finished there
+    assert sum(e.startswith(f"running {kind_id} ") for e in first["events"]) == 1
+    assert _numbers(root / "killed_one") == numbers
 
 
 def _hold_then_sleep(folder: str, name: str, held: mp.Event) -> None:
