@@ -27,8 +27,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"--only: unknown tier(s) {unknown}; known: {list(known)}", file=sys.stderr)
         return 2
     workers = args.workers if args.workers is not None else cfg.workers
-    if workers < 1:
-        print(f"--workers: expected an integer >= 1, got {workers}", file=sys.stderr)
+    if workers < 1 or (args.threads is not None and args.threads < 1):
+        print(
+            f"--workers/--threads: expected integers >= 1, got {workers}/{args.threads}",
+            file=sys.stderr,
+        )
         return 2
     if args.threads is not None and workers == 1:
         import torch

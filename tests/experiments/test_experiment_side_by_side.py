@@ -22,6 +22,7 @@ import pytest
 import torch
 from experiment_helpers import write_tiny_tasks
 
+from kronlink.errors import ConfigError
 from kronlink.experiments import load_config, run_experiment
 from kronlink.experiments.claims import Busy, Claims
 from kronlink.experiments.store import RunStore
@@ -289,3 +290,14 @@ def test_claim_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.join(30)
+
+
+def test_workers_setting_is_checked(tmp_path: Path) -> None:
+    path = _config(tmp_path, "cfg")
+    text = path.read_text()
+    assert load_config(path).workers == 1
+    path.write_text(text.replace('device = "cpu"', 'device = "cpu"\nworkers = 2'))
+    assert load_config(path).workers == 2
+    path.write_text(text.replace('device = "cpu"', 'device = "cpu"\nworkers = 0'))
+    with pytest.raises(ConfigError, match="workers must be an integer >= 1, got 0"):
+        load_config(path)
