@@ -143,6 +143,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {
         "bench": "side_by_side",
         "command": " ".join(sys.argv),
+        "commit": subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "loadavg_before": loadavg(),
         "machine": {
             "cpus": len(os.sched_getaffinity(0)),
@@ -189,7 +192,9 @@ def render(rec: dict[str, Any]) -> str:
     lines = [
         f"{e['runs']} training runs (tier 1 and tier 2 of three synthetic tasks, "
         f"{e['concepts']} concepts x {e['per_concept']} mentions each, a 16-wide CNN, "
-        f"{e['epochs']} epochs); {m['cpus']} CPUs, torch {m['torch']}; load average "
+        f"{e['epochs']} epochs); {m['cpus']} CPUs, torch {m['torch']}"
+        + (f", commit {rec['commit']}" if rec.get("commit") else "")
+        + "; load average "
         f"{rec['loadavg_before'][0]} before, {rec['loadavg_after'][0]} after (1 min); "
         f"each `kronlink experiment` process timed whole, {len(rec['rows'][0]['seconds_all'])} "
         "rounds alternating",
