@@ -229,18 +229,19 @@ def main(argv: list[str]) -> int:
         "cores // N for N workers)",
     )
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--from-json", type=Path, default=None)
+    p.add_argument("--from-json", type=Path, nargs="+", default=None)
     p.add_argument("--docs", type=Path, default=None)
     args = p.parse_args(argv)
     if args.from_json is not None:
-        rec = json.loads(args.from_json.read_text())
+        records = [json.loads(path.read_text()) for path in args.from_json]
     else:
         rec = measure(args)
         if args.json is not None:
             write_record(args.json, rec)
         else:
             rec["loadavg_after"] = loadavg()
-    table = render(rec)
+        records = [rec]
+    table = "\n\n".join(render(rec) for rec in records)
     if args.docs is None:
         print(table)
         return 0
