@@ -26,6 +26,17 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"--only: unknown tier(s) {unknown}; known: {list(known)}", file=sys.stderr)
         return 2
+    workers = args.workers if args.workers is not None else cfg.workers
+    if workers < 1 or (args.threads is not None and args.threads < 1):
+        print(
+            f"--workers/--threads: expected integers >= 1, got {workers}/{args.threads}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.threads is not None and workers == 1:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     def on_event(message: str) -> None:
@@ -38,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         on_event=on_event,
+        workers=workers,
+        threads=args.threads,
     )
     summary = {
         "config": str(args.config),
@@ -45,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         "ran": res.ran,
         "reused": res.reused,
         "complete": res.complete,
+        "workers": workers,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(summary))
@@ -73,5 +87,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="start no new run after this many minutes (exit code 3 if stopped)",
+    )
+    e.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes running independent runs side by side, on one GPU or split over "
+        "the CPU cores (default: the config's workers, else 1)",
+    )
+    e.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: with --workers N > 1, the cores split "
+        "between them; with one, torch's own)",
     )
     e.set_defaults(func=run)

@@ -8,6 +8,7 @@ and the report written from them (docs/experiments.md).
 """
 
 from kronlink.experiments.config import ExperimentConfig, load_config, parse_config
+from kronlink.experiments.driver import collect_results, run_experiment
 from kronlink.experiments.metrics import (
     Choice,
     GridRow,
@@ -17,7 +18,7 @@ from kronlink.experiments.metrics import (
     select_paper,
 )
 from kronlink.experiments.report import render_report, write_section
-from kronlink.experiments.runner import Results, Search, collect_results, run_experiment
+from kronlink.experiments.runner import Results, Search
 
 __all__ = [
     "Choice",

@@ -139,6 +139,8 @@ class ExperimentConfig:
     scratch: str | None = None  # weights, states, built tasks; None: the results folder
     seeds: tuple[int, ...] = (0,)
     device: str | None = None
+    # Processes running independent runs side by side (`--workers` overrides).
+    workers: int = 1
     tasks: TaskSpec = field(default_factory=TaskSpec)
     curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
     selection: SelectionSpec = field(default_factory=SelectionSpec)
@@ -197,6 +199,8 @@ def _check(cfg: ExperimentConfig) -> None:
         raise ConfigError("at least one [rankers.NAME] section is needed")
     if not cfg.seeds:
         raise ConfigError("seeds must hold at least one seed")
+    if not isinstance(cfg.workers, int) or cfg.workers < 1:
+        raise ConfigError(f"workers must be an integer >= 1, got {cfg.workers!r}")
     grid = cfg.selection.grid
     if not grid or any(not 0 < float(v) < float("inf") for v in grid):
         raise ConfigError(f"[selection] grid must hold finite values > 0, got {list(grid)}")

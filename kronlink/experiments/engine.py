@@ -22,6 +22,7 @@ from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.schema import Query
 from kronlink.errors import KronlinkError
 from kronlink.evaluation import evaluate, metrics_from_ranks, rank_of_gold
+from kronlink.experiments.claims import Claims
 from kronlink.experiments.config import PENALTIES, ExperimentConfig, RankerSpec
 from kronlink.experiments.metrics import Choice
 from kronlink.experiments.store import RunStore, spec_id
@@ -179,10 +180,16 @@ class _Engine:
         self.longest: dict[str, float] = {}
         self.emit = on_event or (lambda _m: None)
         self.store = RunStore(cfg.results_dir, cfg.scratch)
+        # Beside the records: every process that writes them must see the same locks.
+        self.claims = Claims(self.store.root / "claims")
         self.results = Results(cfg)
+        # "kind id" of every run this process computed (a later pass over the
+        # protocol finds them stored, and must not count them as reused).
+        self.ran_here: set[str] = set()
+        self.found: set[str] = set()  # runs found stored (each counted once)
         self.device = pick_device(cfg.device)
         self._tasks: dict[str, TaskData] = {}
-        self._makers: dict[str, Callable[[], dict]] = {}
+        self._makers: dict[str, Callable[[bool], dict]] = {}
         self._state_cache: dict[str, TaskState] = {}
 
     # ---- tasks ---------------------------------------------------------------
@@ -226,18 +233,20 @@ class _Engine:
             task = load_task(folder)
         else:
             folder = self.store.task_dir(key["name"], build)
-            if (folder / "task.json").exists():
-                task = load_task(folder)
-            else:
-                self.emit(f"building task {key['name']} ({build['split_rule']} split)")
-                task = build_task(
-                    key["name"],
-                    seed=build["seed"],
-                    split_rule=build["split_rule"],
-                    k=build["candidates"],
-                    limit=build["limit"],
-                )
-                save_task(task, folder)
+            # Waits rather than defers: a build is short, and every run needs it.
+            with self.claims.hold(f"task-{folder.name}", wait=True):
+                if (folder / "task.json").exists():
+                    task = load_task(folder)
+                else:
+                    self.emit(f"building task {key['name']} ({build['split_rule']} split)")
+                    task = build_task(
+                        key["name"],
+                        seed=build["seed"],
+                        split_rule=build["split_rule"],
+                        k=build["candidates"],
+                        limit=build["limit"],
+                    )
+                    save_task(task, folder)
         seed = self.cfg.tasks.seed
         limits = dict(zip(("train", "dev", "test"), key["subsets"], strict=True))
         splits = {s: _subset(task.split(s), limits[s], seed) for s in limits}
@@ -277,7 +286,7 @@ class _Engine:
         weights = self.store.load_weights(record["id"])
         if weights is None:
             self.emit(f"weights of {record['kind']} run {record['id']} are gone: re-running it")
-            self._makers[record["id"]]()
+            self._makers[record["id"]](True)
             weights = self.store.load_weights(record["id"])
             if weights is None:
                 raise KronlinkError(f"re-running {record['id']} did not store its weights")
@@ -308,7 +317,20 @@ class _Engine:
         if not self.execute:
             self.results.missing.append(f"state {sid}")
             raise Missing(f"curvature state {sid} is not stored")
+        with self.claims.hold(f"state-{sid}"):
+            done = self.store.get("state", spec)
+            if done is not None and self.store.state_path(sid).exists():
+                # Stored by another process between the first look and the claim.
+                self.results.states[sid] = done
+                return sid
+            return self._compute_state(spec, sid, record, task_key, ranker, seed)
+
+    def _compute_state(
+        self, spec: dict, sid: str, record: dict, task_key: dict, ranker: RankerSpec, seed: int
+    ) -> str:
+        c = self.cfg.curvature
         self._check_time("state")
+        self.emit(f"running state {sid} (curvature on run {record['id']})")
         wall0 = time.perf_counter()
         model = self._model_of(record, ranker, seed)
         data = self.task(task_key)
@@ -328,6 +350,7 @@ class _Engine:
             "state", spec, {"seconds": seconds, "n_examples": curvature.n_examples, **stats}
         )
         self.results.states[sid] = rec
+        self.ran_here.add(f"state {sid}")
         self._took("state", time.perf_counter() - wall0)
         self.emit(f"curvature of {data.name} on run {record['id']}: {seconds:.1f} s")
         return sid
@@ -376,9 +399,21 @@ class _Engine:
         extra: dict | None = None,
     ) -> dict:
         rid = spec_id(spec)
+        what = f"{method}{'' if not lambdas else ' λ=' + ','.join(f'{v:g}' for v in lambdas)}"
 
-        def make() -> dict:
+        def make(need_weights: bool = False) -> dict:
+            """Run it under its claim (``Busy`` if another process is running
+            it); ``need_weights``: its record exists but its weights are gone."""
+            with self.claims.hold(f"{kind}-{rid}"):
+                done = self.store.get(kind, spec)
+                # Stored by another process between the first look and the claim.
+                if done is not None and (not need_weights or self.store.model_path(rid).exists()):
+                    return done
+                return compute()
+
+        def compute() -> dict:
             self._check_time(kind)
+            self.emit(f"running {kind} {rid} {what}")
             wall0 = time.perf_counter()
             model = start()
             cfg = ranker.train_config(seed, self.cfg.device)
@@ -417,9 +452,8 @@ class _Engine:
                 "torch": torch.__version__,
             }
             rec = self.store.put(kind, spec, result)
-            self.results.ran += 1
+            self.ran_here.add(f"{kind} {rid}")
             self._took(kind, time.perf_counter() - wall0)
-            what = f"{method}{'' if not lambdas else ' λ=' + ','.join(f'{v:g}' for v in lambdas)}"
             accs = ", ".join(f"{t} {m['test']:.3f}" for t, m in metrics.items())
             self.emit(f"{kind} {rid} {what}: test {accs} ({t_train:.1f} s)")
             return rec
@@ -427,7 +461,7 @@ class _Engine:
         self._makers[rid] = make
         rec = self.store.get(kind, spec)
         if rec is not None:
-            self.results.reused += 1
+            self.found.add(f"{kind} {rid}")
             return rec
         if not self.execute:
             self.results.missing.append(f"{kind} {rid}")

@@ -23,6 +23,7 @@ estimator every penalty uses; the model runs in float64 for this.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -150,7 +151,10 @@ def figure2_run(queries: Sequence[Query], spec: Any, out: Path) -> dict:
         blocks[name] = {k: relative_error(mats[k][sl, sl], full[sl, sl]) for k in errors}
         start += size
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in mats.items()}, str(out))
+    # A name of its own, then a rename: a reader never sees half a file.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in mats.items()}, str(tmp))
+    os.replace(tmp, out)
     return {
         "relative_error": errors,
         "relative_error_blocks": blocks,

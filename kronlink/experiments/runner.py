@@ -1,9 +1,7 @@
 """The paper's protocol over stored runs (DESIGN.md section 5; the procedure
 and the formulas are written out in docs/experiments.md).
 
-``run_experiment`` walks the protocol and trains what is not stored yet;
-``collect_results`` walks the same protocol and only reads (the report uses
-it), so a report shows exactly the runs its config defines.
+driver.py walks these tiers (``run_experiment``, ``collect_results``).
 
 Per ranker, split rule and seed:
 
@@ -27,12 +25,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from kronlink.experiments.config import ExperimentConfig, RankerSpec, TierSpec
+from kronlink.experiments.claims import Busy
+from kronlink.experiments.config import RankerSpec
 from kronlink.experiments.engine import (
-    Event,
     Missing,
     OutOfTime,
     Results,
@@ -44,18 +42,11 @@ from kronlink.experiments.metrics import GridRow, select_data_free, select_paper
 from kronlink.experiments.store import spec_id
 from kronlink.strategies import replay_sample
 
-__all__ = [
-    "Missing",
-    "OutOfTime",
-    "Results",
-    "Search",
-    "collect_results",
-    "run_experiment",
-]
+__all__ = ["Missing", "OutOfTime", "Results", "Search"]
 
 
-class _Protocol(_Engine):
-    """The tiers and the driver over the engine's runs."""
+class _Tiers(_Engine):
+    """The tiers over the engine's runs (driver.py walks them)."""
 
     # ---- tiers ---------------------------------------------------------------------
 
@@ -154,10 +145,20 @@ class _Protocol(_Engine):
         """Runs every λ vector of ``candidates`` and applies both rules, with
         ``reference`` (the unpenalised run) as the new task's yardstick; the
         old-data rule weighs the drops of ``select_on`` (default: every prior)."""
-        rows = [
-            self._stage(tier, ranker, seed, parent, seen, new, method, lam, priors, keep_weights)
-            for lam in candidates
-        ]
+        rows, busy = [], None
+        for lam in candidates:
+            # A row another process is running is skipped, not waited for, so
+            # processes side by side share one grid.
+            try:
+                rows.append(
+                    self._stage(
+                        tier, ranker, seed, parent, seen, new, method, lam, priors, keep_weights
+                    )
+                )
+            except Busy as exc:
+                busy = busy or exc
+        if busy is not None:
+            raise busy
         names = list(select_on) if select_on else [k["name"] for k in seen]
         new_name = new["name"]
         grid = [
@@ -224,13 +225,15 @@ class _Protocol(_Engine):
             if not self.execute:
                 self.results.missing.append(f"layers {spec_id(spec)}")
                 return
-            self._check_time("layers")
-            wall0 = time.perf_counter()
-            model = self._model_of(record, ranker, seed)
-            rec = self.store.put(
-                "layers", spec, {"omega": omega_by_layer(model, self._load_state(sid))}
-            )
-            self._took("layers", time.perf_counter() - wall0)
+            with self.claims.hold(f"layers-{spec_id(spec)}"):
+                rec = self.store.get("layers", spec)
+                if rec is None:
+                    self._check_time("layers")
+                    wall0 = time.perf_counter()
+                    model = self._model_of(record, ranker, seed)
+                    omega = omega_by_layer(model, self._load_state(sid))
+                    rec = self.store.put("layers", spec, {"omega": omega})
+                    self._took("layers", time.perf_counter() - wall0)
         self.results.layers[key] = rec
 
     def tier3(
@@ -346,114 +349,15 @@ class _Protocol(_Engine):
             if not self.execute:
                 self.results.missing.append("figure2")
                 raise Missing("figure 2 is not stored")
-            self._check_time("figure2")
-            result = figure2_run(self.task(key).train, spec_cfg, path)
-            rec = self.store.put("figure2", spec, result)
-            self.results.ran += 1
-            self.emit(f"figure 2: relative errors {result['relative_error']}")
+            with self.claims.hold(f"figure2-{spec_id(spec)}"):
+                rec = self.store.get("figure2", spec)
+                if rec is None or not path.exists():
+                    self._check_time("figure2")
+                    self.emit("running figure 2")
+                    result = figure2_run(self.task(key).train, spec_cfg, path)
+                    rec = self.store.put("figure2", spec, result)
+                    self.ran_here.add("figure2")
+                    self.emit(f"figure 2: relative errors {result['relative_error']}")
         else:
-            self.results.reused += 1
+            self.found.add("figure2")
         self.results.figure2 = {**rec, "matrices": str(path)}
-
-    # ---- driver ----------------------------------------------------------------------
-
-    def _tiers(self, ranker: RankerSpec) -> set[str]:
-        tiers = set(ranker.tiers)
-        return tiers & self.only_tiers if self.only_tiers is not None else tiers
-
-    @staticmethod
-    def _seed_in(seeds: Sequence[int] | None, seed: int) -> bool:
-        return seeds is None or seed in seeds
-
-    def _guard(self, fn: Callable[[], Any]) -> None:
-        """In report mode a missing run skips its cell, not the whole report."""
-        try:
-            fn()
-        except Missing:
-            self.results.complete = False
-
-    def run(self) -> Results:
-        cfg = self.cfg
-        try:
-            if cfg.figure2 is not None and (
-                self.only_tiers is None or "figure2" in self.only_tiers
-            ):
-                self._guard(self.figure2)
-            for ranker in cfg.rankers:
-                if self.only_rankers is not None and ranker.name not in self.only_rankers:
-                    continue
-                tiers = self._tiers(ranker)
-                for rule in cfg.tasks.split_rules:
-                    headline = rule == cfg.tasks.split_rules[0]
-                    for seed in self.seeds:
-                        self._ranker_seed(ranker, rule, seed, tiers, headline)
-        except OutOfTime:
-            self.results.complete = False
-            self.emit("time budget spent: stopped before the next run; rerun to continue")
-        if self.results.missing:
-            self.results.complete = False
-        return self.results
-
-    def _ranker_seed(
-        self, ranker: RankerSpec, rule: str, seed: int, tiers: set[str], headline: bool
-    ) -> None:
-        cfg = self.cfg
-        if "tier1" in tiers:
-            for name in cfg.tasks.names:
-                self._guard(lambda n=name: self.tier1(ranker, rule, seed, n))
-        if "combined" in tiers:
-            self._guard(lambda: self.combined(ranker, rule, seed))
-        if not headline:
-            return  # tiers 2, 3 and early use the headline split only
-        if "tier2" in tiers and self._seed_in(cfg.tier2.seeds, seed):
-            orderings = (
-                [tuple(o) for o in ranker.tier2_orderings]
-                if ranker.tier2_orderings
-                else cfg.orderings(cfg.tier2, 2)
-            )
-            methods = ranker.tier2_methods or cfg.tier2.methods
-            for o in orderings:
-                for m in methods:
-                    self._guard(lambda o=o, m=m: self.tier2(ranker, rule, seed, o, m))
-        if "tier3" in tiers and self._seed_in(cfg.tier3.seeds, seed):
-            spec: TierSpec = cfg.tier3
-            for o in cfg.orderings(spec, 3):
-                for m in spec.methods:
-                    self._guard(lambda o=o, m=m: self.tier3(ranker, rule, seed, o, m))
-        if "early" in tiers and self._seed_in(cfg.early.seeds, seed):
-            self._guard(lambda: self.early(ranker, rule, seed))
-
-
-def run_experiment(
-    cfg: ExperimentConfig,
-    *,
-    tiers: Sequence[str] | None = None,
-    rankers: Sequence[str] | None = None,
-    seeds: Sequence[int] | None = None,
-    max_seconds: float | None = None,
-    on_event: Event | None = None,
-    guess_seconds: Mapping[str, float] | None = None,
-) -> Results:
-    """Run every run of ``cfg`` that is not stored yet (optionally only some
-    tiers, rankers or seeds). With ``max_seconds``, no run starts that would
-    not end inside that budget (its length: the longest of its kind so far,
-    else ``guess_seconds[kind]``, else 0); ``Results.complete`` is then False
-    and a rerun goes on."""
-    deadline = time.monotonic() + max_seconds if max_seconds is not None else None
-    proto = _Protocol(
-        cfg,
-        execute=True,
-        tiers=tiers,
-        rankers=rankers,
-        seeds=seeds,
-        deadline=deadline,
-        on_event=on_event,
-        guess_seconds=guess_seconds,
-    )
-    return proto.run()
-
-
-def collect_results(cfg: ExperimentConfig) -> Results:
-    """The stored runs of ``cfg``, walked as ``run_experiment`` would, without
-    training anything; ``missing`` lists what is not stored."""
-    return _Protocol(cfg, execute=False).run()
