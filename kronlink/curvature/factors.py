@@ -17,7 +17,7 @@ position belongs to. Sums are returned; the estimator divides at the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +136,8 @@ def split_sums(
     g: Tensor,
     example: Tensor,
     n_examples: int,
-    cache: dict[int, dict[str, Tensor]] | None = None,
+    cache: dict[Hashable, dict[str, Tensor]] | None = None,
+    key: Hashable | None = None,
 ) -> dict[str, Tensor]:
     """The sums behind the candidate-aware ("split") rule and the expand rule.
 
@@ -153,9 +154,10 @@ def split_sums(
     ``Σ x̄ x̄ᵀ`` afterwards would cancel badly in float32 when the mean
     dominates (a scoring head's inputs).
 
-    ``cache`` (per batch, keyed by ``id(x)``) keeps the x-side sums for
-    modules that share one input tensor (query, key and value)."""
-    hit = cache.get(id(x)) if cache is not None else None
+    ``cache`` (per batch) keeps the x-side sums under ``key`` for modules
+    that share one input tensor (query, key and value); no ``key``, no
+    sharing."""
+    hit = cache.get(key) if cache is not None and key is not None else None
     counts = torch.bincount(example, minlength=n_examples).to(x.dtype)
     # Per-query sums as one matrix product with the (P, B) one-hot: on CPU
     # ``index_add_`` over many positions cost more than Σ x̄ x̄ᵀ itself.
@@ -169,6 +171,6 @@ def split_sums(
         m = (onehot.T @ x) / t
         d = x - m[example]
         hit = {"a_dev": d.T @ d, "a_red": m.T @ m, "a_wm": (m * counts[:, None]).T @ m}
-        if cache is not None:
-            cache[id(x)] = hit
+        if cache is not None and key is not None:
+            cache[key] = hit
     return {**hit, **out}
