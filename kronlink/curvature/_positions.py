@@ -4,7 +4,7 @@ calls of a module that ran several times in one forward are pooled."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,13 +109,16 @@ def module_positions(
     layouts: dict,
     valid: Tensor,
     dtype: torch.dtype,
+    shared: Collection[tuple],
 ) -> Positions:
     """One ``Positions`` for all calls of one module in this forward, pooled
     (a shared encoder), so that per-query gradients, means and exact blocks
-    sum over all of its calls. A module called once gets a ``key`` that names
-    its selected input: modules fed the same tensor with the same layout (a
-    transformer's query, key and value) share the x-side sums
-    (``split_sums``'s ``cache``)."""
+    sum over all of its calls. A Linear called once on an input in
+    ``shared`` (``shared_inputs``) gets a ``key`` that names its selected
+    input: modules fed the same tensor with the same layout (a transformer's
+    query, key and value) share the x-side sums (``split_sums``'s
+    ``cache``); the others get none, so the cache holds nothing they alone
+    would use."""
     parts = []
     for call, grad in zip(calls, grads, strict=True):
         acc.calls += 1
@@ -127,7 +130,7 @@ def module_positions(
             example=torch.cat([p.example for p in parts]),
         )
     pos = parts[0]
-    if acc.info.rule is Rule.LINEAR:
+    if acc.info.rule is Rule.LINEAR and calls[0].input_key in shared:
         lay = layouts.get(calls[0].name)
         pos.key = (
             calls[0].input_key,
@@ -136,6 +139,15 @@ def module_positions(
             id(lay.example) if isinstance(lay, TokenLayout) else None,
         )
     return pos
+
+
+def shared_inputs(calls: list[Call]) -> set[tuple]:
+    """Input keys that more than one call read."""
+    seen: set[tuple] = set()
+    out: set[tuple] = set()
+    for c in calls:
+        (out if c.input_key in seen else seen).add(c.input_key)
+    return out
 
 
 def grouped(
@@ -149,10 +161,11 @@ def grouped(
     """``module_positions`` of every module, from a whole batch's calls and
     output gradients at once (the reference the estimator's in-backward
     reduction is tested against)."""
+    shared = shared_inputs(calls)
     by_name: dict[str, tuple[list[Call], list[Tensor]]] = {}
     for call, grad in zip(calls, grads, strict=True):
         cs, gs = by_name.setdefault(call.name, ([], []))
         cs.append(call)
         gs.append(grad)
     for name, (cs, gs) in by_name.items():
-        yield name, module_positions(accs[name], cs, gs, layouts, valid, dtype)
+        yield name, module_positions(accs[name], cs, gs, layouts, valid, dtype, shared)

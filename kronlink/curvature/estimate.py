@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kronlink.curvature import factors as fx
 from kronlink.curvature._hooks import Call, plan, recording
-from kronlink.curvature._positions import Positions, module_positions
+from kronlink.curvature._positions import Positions, module_positions, shared_inputs
 from kronlink.curvature.state import (
     CurvatureKind,
     CurvatureState,
@@ -348,7 +348,9 @@ def _one_batch(
         calls, mine = by_name.pop(name), got.pop(name, {})
         grads = [mine[c.index] if c.index in mine else _zeros(c) for c in calls]
         mine.clear()
-        pos = module_positions(accs[name], calls, grads, ctx["layouts"], ctx["valid"], dtype)
+        pos = module_positions(
+            accs[name], calls, grads, ctx["layouts"], ctx["valid"], dtype, ctx["shared"]
+        )
         del grads
         for c in calls:
             c.input = None  # autograd frees its own copy as the backward passes
@@ -369,7 +371,7 @@ def _one_batch(
         return valid
     for call in rec.calls:
         by_name.setdefault(call.name, []).append(call)
-    ctx.update(layouts=layouts, valid=valid, cache={})
+    ctx.update(layouts=layouts, valid=valid, cache={}, shared=shared_inputs(rec.calls))
     # reduction="sum": per-example gradients unscaled (never a batch mean).
     loss = ranking_loss(scores, batch.candidate_mask, labels, reduction="sum")
     del scores

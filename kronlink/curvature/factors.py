@@ -165,12 +165,19 @@ def split_sums(
     t = counts.clamp_min(1)[:, None]
     sg = onehot.T @ g
     h = sg / t
-    e = g - h[example]
+    # The deviations overwrite the gathered means (same values as
+    # ``g - h[example]``, one (P, q) buffer fewer) and are freed at once:
+    # this runs inside the backward, where every byte adds to the peak.
+    e = h[example]
+    e = torch.sub(g, e, out=e)
     out = {"g_dev": e.T @ e, "g_red": sg.T @ sg, "g_wm": (h * counts[:, None]).T @ h}
+    del e
     if hit is None:
         m = (onehot.T @ x) / t
-        d = x - m[example]
+        d = m[example]
+        d = torch.sub(x, d, out=d)
         hit = {"a_dev": d.T @ d, "a_red": m.T @ m, "a_wm": (m * counts[:, None]).T @ m}
+        del d
         if cache is not None and key is not None:
             cache[key] = hit
     return {**hit, **out}
