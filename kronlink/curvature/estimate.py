@@ -61,7 +61,8 @@ class _Acc:
     s: Tensor | None = None  # Σ_n (U_Gᵀ ∇W̄_n U_A)²
     ua: Tensor | None = None
     ug: Tensor | None = None
-    sums: dict[str, Tensor] | None = None  # fx.split_sums (Linear, Conv1d)
+    sums: dict[str, Tensor] | None = None  # a_dev, g_dev of fx.split_sums (Linear, Conv1d)
+    means: dict[str, fx.MeanSums] | None = None  # their a_rows, g_rows
     exact: Tensor | None = None  # Σ_n vec ∇W̄_n vec ∇W̄_nᵀ (small layers)
     calls: int = 0
 
@@ -70,8 +71,10 @@ class _Acc:
         cls, info: LayerInfo, module: nn.Module, want_diag: bool, exact_max: int, **kw
     ) -> _Acc:
         """Preallocated sums, so a layer that saw no real position still has
-        (zero) factors. Memory: 3(p̄² + q²) + (with the diagonal) the weight
-        + (q·p̄)² for a layer with an exact block."""
+        (zero) factors. Memory: p̄² + q² (and twice that for the mean parts
+        once a pass has seen as many queries as the layer is wide, see
+        ``fx.MeanSums``) + (with the diagonal) the weight + (q·p̄)² for a
+        layer with an exact block."""
         acc = cls(info, module)
         if info.rule is Rule.LAYERNORM:
             acc.diag = torch.zeros(info.weight_shape, **kw).reshape(-1)
@@ -83,10 +86,8 @@ class _Acc:
         else:
             p, q = info.a_dim, info.g_dim
             acc.diag = torch.zeros(q, p, **kw) if want_diag else None
-            acc.sums = {
-                k: torch.zeros(q if k[0] == "g" else p, q if k[0] == "g" else p, **kw)
-                for k in ("a_dev", "g_dev", "a_red", "g_red", "a_wm", "g_wm")
-            }
+            acc.sums = {"a_dev": torch.zeros(p, p, **kw), "g_dev": torch.zeros(q, q, **kw)}
+            acc.means = {"a_rows": fx.MeanSums(p, **kw), "g_rows": fx.MeanSums(q, **kw)}
             if p * q <= exact_max:
                 acc.exact = torch.zeros(p * q, p * q, **kw)
             return acc
@@ -212,14 +213,17 @@ def estimate_curvature(
                     A, G = acc.a / npos, acc.g / n_examples
                 else:
                     sm = acc.sums
-                    A = (sm["a_dev"] + sm["a_wm"]) / npos
-                    G = (sm["g_dev"] + sm["g_wm"]) / n_examples
+                    a_red, a_wm = acc.means["a_rows"].result()
+                    g_red, g_wm = acc.means["g_rows"].result()
+                    acc.means = None
+                    A = (sm["a_dev"] + a_wm) / npos
+                    G = (sm["g_dev"] + g_wm) / n_examples
                 if CurvatureKind.KFAC in kinds_t:
                     kfac[name] = KFACFactors(A=A.cpu(), G=G.cpu())
                     if acc.sums is not None:
                         split[name] = SplitFactors(
-                            A_mean=(acc.sums["a_red"] / n_examples).cpu(),
-                            G_mean=(acc.sums["g_red"] / n_examples).cpu(),
+                            A_mean=(a_red / n_examples).cpu(),
+                            G_mean=(g_red / n_examples).cpu(),
                             A_dev=(acc.sums["a_dev"] / npos).cpu(),
                             G_dev=(acc.sums["g_dev"] / n_examples).cpu(),
                         )
@@ -429,7 +433,10 @@ def _first_pass(
             acc.diag.index_add_(0, token, rows.square())
         return
     for key, value in fx.split_sums(x, g, ex, n_queries, shared, pos.key).items():
-        acc.sums[key].add_(value)
+        if isinstance(value, tuple):
+            acc.means[key].add(*value)
+        else:
+            acc.sums[key].add_(value)
     if want_diag or acc.exact is not None:
         for chunk in fx.per_example_outer(g, x, ex, n_queries):
             if want_diag:
