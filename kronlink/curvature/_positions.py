@@ -96,10 +96,13 @@ def positions(
         # PyTorch gives the padding row no gradient: such positions are padding.
         keep = keep & (xs != module.padding_idx)
     ex = example[:, None].expand(n, positions)[keep]
+    sel = xs[keep]
+    if sel.dim() > 2:  # conv1d_patches' (N, T_out, C_in, k) view
+        sel = sel.reshape(sel.shape[0], -1)
     if rule in (Rule.LINEAR, Rule.CONV1D) and module.bias is not None:
         # the bias column after the selection: padding is never copied
-        return Positions(x=fx.augment(xs[keep]), g=gs[keep], example=ex)
-    return Positions(x=xs[keep], g=gs[keep], example=ex)
+        return Positions(x=fx.augment(sel), g=gs[keep], example=ex)
+    return Positions(x=sel, g=gs[keep], example=ex)
 
 
 def module_positions(

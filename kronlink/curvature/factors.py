@@ -36,7 +36,9 @@ def augment(x: Tensor) -> Tensor:
 def conv1d_patches(module: nn.Conv1d, x: Tensor) -> Tensor:
     """Unfolded input patches of a Conv1d, (N, T_out, C_in·k), ordered as
     ``weight.reshape(C_out, C_in·k)`` flattens the kernel (Grosse & Martens
-    2016: a convolution is a Linear layer applied at every output position)."""
+    2016: a convolution is a Linear layer applied at every output position).
+    Without dilation, a view (N, T_out, C_in, k) of the same numbers: flatten
+    its last two dimensions after selecting positions."""
     if isinstance(module.padding, str):
         if module.padding == "valid":
             left = right = 0
@@ -47,6 +49,11 @@ def conv1d_patches(module: nn.Conv1d, x: Tensor) -> Tensor:
         left = right = module.padding[0]
     if left or right:
         x = F.pad(x, (left, right))
+    if module.dilation[0] == 1:
+        # A strided view (N, T_out, C_in, k): the caller's selection of real
+        # positions is then the only copy (im2col copied every position,
+        # padding included, before the selection copied the real ones again).
+        return x.unfold(2, module.kernel_size[0], module.stride[0]).permute(0, 2, 1, 3)
     cols = F.unfold(
         x.unsqueeze(2),
         kernel_size=(1, module.kernel_size[0]),
