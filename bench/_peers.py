@@ -198,6 +198,54 @@ def make_nngeometry(ranker: nn.Module, batches: Sequence[RankerBatch]) -> Pass:
     )
 
 
+class DictRanker(nn.Module):
+    """``forward(X) -> (B, C)`` scores, X a dict of the ranker's features and
+    the candidate mask (curvlinops takes dict inputs with a ``batch_size_fn``)."""
+
+    def __init__(self, ranker: nn.Module) -> None:
+        super().__init__()
+        self.ranker = ranker
+
+    def forward(self, x: dict) -> Tensor:
+        feats = {k: v for k, v in x.items() if k != "candidate_mask"}
+        cand = x["candidate_mask"]
+        labels = torch.zeros(cand.shape[0], dtype=torch.long, device=cand.device)
+        return self.ranker(RankerBatch(feats, cand, labels))
+
+
+def make_curvlinops_cnn(ranker: nn.Module, batches: Sequence[RankerBatch]) -> Pass:
+    """curvlinops on the CNN's Linear layers (it has no Conv1d or Embedding
+    rule), same options as ``make_curvlinops``; the head's (B, C, F) input
+    counts C positions per query (expand)."""
+    from curvlinops import KFACLinearOperator
+    from curvlinops.kfac import FisherType, KFACType
+
+    wrapped = DictRanker(ranker)
+    linears = _linears(wrapped)
+    params = [p for m in linears for p in m.parameters() if p.requires_grad]
+    data = [({**b.features, "candidate_mask": b.candidate_mask}, b.labels) for b in batches]
+    n = sum(b.size for b in batches)
+
+    def run() -> Any:
+        op = KFACLinearOperator(
+            wrapped,
+            nn.CrossEntropyLoss(reduction="mean"),
+            params,
+            data,
+            fisher_type=FisherType.EMPIRICAL,
+            kfac_approx=KFACType.EXPAND,
+            separate_weight_and_bias=False,
+            check_deterministic=False,
+            num_data=n,
+            num_per_example_loss_terms=1,
+            batch_size_fn=lambda x: x["candidate_mask"].shape[0],
+        )
+        op.compute_kronecker_factors()
+        return op._input_covariances, op._gradient_covariances
+
+    return Pass(f"{len(linears)} Linear only (model: {_count(ranker)})", run)
+
+
 def _pair_features(ranker: nn.Module, batch: RankerBatch) -> Tensor:
     """The CNN ranker's forward up to the head's input: (B, C, 4 * channels)."""
     from kronlink.models.cnn import _stack
@@ -261,6 +309,7 @@ def make_backpack_head_proxy(ranker: nn.Module, batches: Sequence[RankerBatch]) 
 PEERS: dict[str, dict[str, Callable[[nn.Module, Sequence[RankerBatch]], Pass]]] = {
     "transformer": {"curvlinops KFAC": make_curvlinops, "ASDL KFAC": make_asdl},
     "cnn": {
+        "curvlinops KFAC": make_curvlinops_cnn,
         "nngeometry PMatKFAC": make_nngeometry,
         "BackPACK KFAC (ranking head)": make_backpack_head,
         "BackPACK KFAC (head proxy)": make_backpack_head_proxy,

@@ -4,6 +4,7 @@ steps, and stored bytes per task, on both rankers.
     .venv/bin/python bench/curvature.py [--device cuda] [--batches 4] [--batch-size 16]
         [--candidates 25] [--repeats 5] [--models transformer,cnn] [--tables 1,2,3]
         [--threads N]   # N=1 on a shared CPU: busy cores stall torch's thread pool
+        [--rounds R]    # table 1: all rows R times in turn, medians (a shared machine)
         [--no-peers] [--impls "plain fwd+bwd,kronlink kfac"]
         [--json results/curvature/pass_cpu.json]   # table 1 rows + load average
 
@@ -20,11 +21,14 @@ width, so every implementation sees the same tensors). Three tables:
    ``estimate_curvature`` with kinds kfac / kfac+diag / kfac+ekfac+diag
    (EKFAC makes a second pass), and the peers of ``bench/_peers.py``.
    Seconds are the median of ``--repeats`` timed passes after ``--warmup``
-   untimed ones. Peak memory is the growth during the first (warm-up) pass
-   over the memory held after setup: ``torch.cuda.max_memory_allocated`` on
-   CUDA; on CPU the peak resident set (VmHWM, reset through
-   /proc/self/clear_refs after a malloc_trim), which also counts allocator
-   caching: compare rows, not absolute numbers.
+   untimed ones. Peak memory is the growth during one more pass over the
+   memory held before it: ``torch.cuda.max_memory_allocated`` on CUDA; on
+   CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs
+   after a malloc_trim) with glibc told to map every block of 64 KiB or
+   more (``measure_pass``), so that it follows live tensors rather than the
+   allocator's cache; small blocks still count as the allocator keeps them. With
+   ``--rounds R`` every row runs R times, interleaved, and the table gives
+   the medians (the record keeps each round's numbers).
 2. One training step (forward, ranking loss, penalty, backward, gradient
    clipping, AdamW; bf16 autocast on CUDA as in kronlink.training) with no
    penalty, EWC, KFC and EKFAC against one prior task estimated once on the
@@ -73,6 +77,7 @@ from kronlink.penalties import (
 )
 
 PLAIN = "plain fwd+bwd"
+CURVLINOPS = "curvlinops KFAC"  # issue 14's memory reference, on both rankers
 OURS = {
     "kronlink kfac": ("kfac",),
     "kronlink kfac+diag": ("kfac", "diag"),
@@ -159,28 +164,25 @@ def _reset_cpu_peak() -> bool:
     return True
 
 
+def _map_large_blocks() -> bool:
+    """Have glibc's malloc map every block of 64 KiB and more on its own and
+    unmap it when freed (``mallopt(M_MMAP_THRESHOLD)``). By default it keeps
+    freed blocks under a threshold that grows to 32 MiB in its heap, so the
+    peak RSS of a pass depended on the order of its allocations as much as
+    on what it held; with this, it follows the live tensors."""
+    with contextlib.suppress(OSError, AttributeError):
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
+    return False
+
+
 def measure_pass(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict:
-    """Peak memory growth of the first call, then the median of ``repeats``."""
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = run()
-        sync(device)
-        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-        mem_note = "CUDA max allocated"
-    else:
-        ok = _reset_cpu_peak()
-        base = _status_kib("VmRSS")
-        out = run()
-        hwm = _status_kib("VmHWM")
-        if ok and base is not None and hwm is not None:
-            peak_mib, mem_note = (hwm - base) / 1024, "CPU peak RSS growth"
-        else:
-            peak_mib, mem_note = float("nan"), "n/a (no /proc/self/clear_refs)"
-    del out
-    for _ in range(max(warmup - 1, 0)):
+    """The median of ``repeats`` timed passes after ``warmup`` untimed ones,
+    then the peak memory growth of one more pass. Measuring after the other
+    passes keeps the one-time costs out of it (library code paged in on
+    first use, lazy initialisation: on CPU they counted into a first pass's
+    peak RSS as if the pass held them), and on CPU lets it map large blocks
+    (``_map_large_blocks``) without changing the timed passes' allocator."""
+    for _ in range(max(warmup, 1)):
         run()
     times = []
     for _ in range(repeats):
@@ -189,6 +191,26 @@ def measure_pass(run: Callable[[], Any], device: torch.device, warmup: int, repe
         run()
         sync(device)
         times.append(time.perf_counter() - t0)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = run()
+        sync(device)
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        mem_note = "CUDA max allocated"
+    else:
+        mapped = _map_large_blocks()
+        ok = _reset_cpu_peak()
+        base = _status_kib("VmRSS")
+        out = run()
+        hwm = _status_kib("VmHWM")
+        if ok and base is not None and hwm is not None:
+            peak_mib = (hwm - base) / 1024
+            mem_note = "CPU peak RSS growth" + (", blocks >= 64 KiB mapped" if mapped else "")
+        else:
+            peak_mib, mem_note = float("nan"), "n/a (no /proc/self/clear_refs)"
+    del out
     return {"seconds": statistics.median(times), "peak_mib": peak_mib, "mem": mem_note}
 
 
@@ -264,35 +286,71 @@ def spawn_row(kind: str, impl: str, args: argparse.Namespace) -> dict:
 
 
 def table_passes(args: argparse.Namespace, models: list[str]) -> list[dict]:
-    rows = []
+    """Every row in its own subprocess, ``--rounds`` times in turn (row 1,
+    row 2, ..., row 1, ...), so that load that comes and goes on a shared
+    machine hits all rows; seconds and peak are the medians over rounds."""
+    order = []
     for kind in models:
         impls = [PLAIN, *OURS, *([] if args.no_peers else PEERS[kind])]
         if args.impls:
             impls = [i for i in impls if i in args.impls.split(",")]
-        for impl in impls:
-            print(f"  pass: {kind} / {impl} ...", file=sys.stderr, flush=True)
-            rows.append(spawn_row(kind, impl, args))
+        order += [(kind, impl) for impl in impls]
+    runs: dict[tuple[str, str], list[dict]] = {key: [] for key in order}
+    for r in range(args.rounds):
+        for kind, impl in order:
+            print(f"  pass: {kind} / {impl} (round {r + 1}) ...", file=sys.stderr, flush=True)
+            runs[(kind, impl)].append(spawn_row(kind, impl, args))
+    rows = []
+    for key in order:
+        done = [x for x in runs[key] if "error" not in x]
+        if not done:
+            rows.append(runs[key][-1])
+            continue
+        row = dict(done[0])
+        for field in ("seconds", "peak_mib"):
+            row[f"{field}_rounds"] = [x[field] for x in done]
+            row[field] = statistics.median(row[f"{field}_rounds"])
+        rows.append(row)
     print_passes(rows)
     return rows
+
+
+def plain_ratio(row: dict, plain: dict) -> float:
+    """Seconds over the plain pass's: with rounds, the median of each round's
+    ratio (the two rows of a round ran minutes apart at most, so load that
+    comes and goes cancels in a round's ratio but not in the two medians)."""
+    mine, theirs = row.get("seconds_rounds"), plain.get("seconds_rounds")
+    if mine and theirs and len(mine) == len(theirs):
+        return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+    return row["seconds"] / plain["seconds"]
 
 
 def print_passes(rows: list[dict]) -> None:
     print("\n### 1. One curvature pass over the same batches\n")
     print("| model | implementation | what it covers | seconds | x plain pass | peak MiB |")
     print("|---|---|---|---|---|---|")
-    base = {r["model"]: r["seconds"] for r in rows if r["impl"] == PLAIN}
+    base = {r["model"]: r for r in rows if r["impl"] == PLAIN}
     for r in rows:
         if "error" in r:
             covers = f"{r['covers']} — **failed**: {r['error']}".lstrip(" —")
             print(f"| {r['model']} | {r['impl']} | {covers} | n/a | n/a | n/a |")
             continue
-        ratio = r["seconds"] / base[r["model"]]
+        ratio = plain_ratio(r, base[r["model"]])
         print(
             f"| {r['model']} | {r['impl']} | {r['covers']} | {r['seconds']:.3f} | {ratio:.2f} "
             f"| {r['peak_mib']:.0f} |"
         )
     mem = {r.get("mem") for r in rows if r.get("mem")}
-    print(f"\nPeak memory: {', '.join(sorted(mem))}, during the first pass, over setup.")
+    rounds = max((len(r.get("seconds_rounds", [])) for r in rows), default=1)
+    how = (
+        f"medians over {rounds} interleaved rounds (x plain pass: the median of the rounds' ratios)"
+        if rounds > 1
+        else "one process a row"
+    )
+    print(
+        f"\nPeak memory: {', '.join(sorted(mem))}, during one pass after the timed ones, "
+        f"over the memory held before it; {how}."
+    )
 
 
 # ---- tables 2 and 3: in this process -----------------------------------------
@@ -413,10 +471,19 @@ def print_targets(passes: list[dict], steps: list[dict], device: torch.device) -
     print("\n### Targets\n")
     for kind in sorted({r["model"] for r in passes}):
         rows = {r["impl"]: r for r in passes if r["model"] == kind}
-        base, ours = rows[PLAIN]["seconds"], rows["kronlink kfac"]["seconds"]
-        ratio = ours / base
+        ours = rows["kronlink kfac"]["seconds"]
+        ratio = plain_ratio(rows["kronlink kfac"], rows[PLAIN])
         verdict = "met" if ratio <= 1.5 else "NOT met"
         print(f"- {kind}: KFAC pass ≤ 1.5x the plain pass: {ratio:.2f}x, {verdict}.")
+        cl = rows.get(CURVLINOPS)
+        if cl is not None and "error" not in cl:
+            mem = rows["kronlink kfac"]["peak_mib"] / cl["peak_mib"]
+            v = "met" if mem <= 1.2 else "NOT met"
+            print(
+                f"- {kind}: KFAC pass memory ≤ 1.2x curvlinops': "
+                f"{rows['kronlink kfac']['peak_mib']:.0f} vs {cl['peak_mib']:.0f} MiB "
+                f"({mem:.2f}x), {v}."
+            )
         for impl in PEERS[kind]:
             r = rows.get(impl)
             if r is None:
@@ -456,6 +523,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--tables", default="1,2,3", help="which tables to print")
     p.add_argument("--row-timeout", type=int, default=1800, help="seconds per table-1 row")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="table 1: run all rows this often, interleaved"
+    )
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one table-1 row
     p.add_argument("--no-peers", action="store_true", help="table 1 without the peer libraries")
     p.add_argument("--impls", help='table 1 rows to run, e.g. "plain fwd+bwd,kronlink kfac"')

@@ -4,8 +4,9 @@ calls of a module that ran several times in one forward are pooled."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Hashable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ class Positions:
     x: Tensor  # (P, p̄) inputs (augmented), token ids (P,) or x̂ (P, D)
     g: Tensor  # (P, q)
     example: Tensor  # (P,)
+    key: Hashable | None = None  # equal keys: equal x (``module_positions``)
 
 
 def _layout(call: Call, layouts: dict, n_rows: int, n_queries: int, positions_per_row: int):
@@ -94,10 +96,61 @@ def positions(
         # PyTorch gives the padding row no gradient: such positions are padding.
         keep = keep & (xs != module.padding_idx)
     ex = example[:, None].expand(n, positions)[keep]
+    sel = xs[keep]
+    if sel.dim() > 2:  # conv1d_patches' (N, T_out, C_in, k) view
+        sel = sel.reshape(sel.shape[0], -1)
     if rule in (Rule.LINEAR, Rule.CONV1D) and module.bias is not None:
         # the bias column after the selection: padding is never copied
-        return Positions(x=fx.augment(xs[keep]), g=gs[keep], example=ex)
-    return Positions(x=xs[keep], g=gs[keep], example=ex)
+        return Positions(x=fx.augment(sel), g=gs[keep], example=ex)
+    return Positions(x=sel, g=gs[keep], example=ex)
+
+
+def module_positions(
+    acc: Any,
+    calls: list[Call],
+    grads: list[Tensor],
+    layouts: dict,
+    valid: Tensor,
+    dtype: torch.dtype,
+    shared: Collection[tuple],
+) -> Positions:
+    """One ``Positions`` for all calls of one module in this forward, pooled
+    (a shared encoder), so that per-query gradients, means and exact blocks
+    sum over all of its calls. A Linear called once on an input in
+    ``shared`` (``shared_inputs``) gets a ``key`` that names its selected
+    input: modules fed the same tensor with the same layout (a transformer's
+    query, key and value) share the x-side sums (``split_sums``'s
+    ``cache``); the others get none, so the cache holds nothing they alone
+    would use."""
+    parts = []
+    for call, grad in zip(calls, grads, strict=True):
+        acc.calls += 1
+        parts.append(positions(acc.info, call, grad, layouts, valid, dtype))
+    if len(parts) > 1:
+        return Positions(
+            x=torch.cat([p.x for p in parts]),
+            g=torch.cat([p.g for p in parts]),
+            example=torch.cat([p.example for p in parts]),
+        )
+    pos = parts[0]
+    if acc.info.rule is Rule.LINEAR and calls[0].input_key in shared:
+        lay = layouts.get(calls[0].name)
+        pos.key = (
+            calls[0].input_key,
+            acc.info.bias,
+            id(lay.mask) if isinstance(lay, TokenLayout) else None,
+            id(lay.example) if isinstance(lay, TokenLayout) else None,
+        )
+    return pos
+
+
+def shared_inputs(calls: list[Call]) -> set[tuple]:
+    """Input keys that more than one call read."""
+    seen: set[tuple] = set()
+    out: set[tuple] = set()
+    for c in calls:
+        (out if c.input_key in seen else seen).add(c.input_key)
+    return out
 
 
 def grouped(
@@ -108,43 +161,14 @@ def grouped(
     valid: Tensor,
     dtype: torch.dtype,
 ) -> Iterator[tuple[str, Positions]]:
-    """One ``_Positions`` per module: the calls of a module that ran several
-    times in this forward (a shared encoder) pooled, so that per-query
-    gradients, means and exact blocks sum over all of its calls."""
-    by_name: dict[str, list[Positions]] = {}
-    # Modules fed the same tensor with the same layout (a transformer's
-    # query, key and value) get one x tensor object, so that the x-side sums
-    # can be computed once (``split_sums``'s ``cache``).
-    shared: dict[tuple, Tensor] = {}
+    """``module_positions`` of every module, from a whole batch's calls and
+    output gradients at once (the reference the estimator's in-backward
+    reduction is tested against)."""
+    shared = shared_inputs(calls)
+    by_name: dict[str, tuple[list[Call], list[Tensor]]] = {}
     for call, grad in zip(calls, grads, strict=True):
-        acc = accs[call.name]
-        acc.calls += 1
-        pos = positions(acc.info, call, grad, layouts, valid, dtype)
-        if acc.info.rule is Rule.LINEAR:
-            lay = layouts.get(call.name)
-            x = call.input
-            key = (
-                x.data_ptr(),
-                tuple(x.shape),
-                x.stride(),
-                x.dtype,
-                acc.info.bias,
-                id(lay.mask) if isinstance(lay, TokenLayout) else None,
-                id(lay.example) if isinstance(lay, TokenLayout) else None,
-            )
-            first = shared.setdefault(key, pos.x)
-            if first is not pos.x and first.shape == pos.x.shape:
-                pos = Positions(x=first, g=pos.g, example=pos.example)
-        by_name.setdefault(call.name, []).append(pos)
-    for name, parts in by_name.items():
-        if len(parts) == 1:
-            yield name, parts[0]
-        else:
-            yield (
-                name,
-                Positions(
-                    x=torch.cat([p.x for p in parts]),
-                    g=torch.cat([p.g for p in parts]),
-                    example=torch.cat([p.example for p in parts]),
-                ),
-            )
+        cs, gs = by_name.setdefault(call.name, ([], []))
+        cs.append(call)
+        gs.append(grad)
+    for name, (cs, gs) in by_name.items():
+        yield name, module_positions(accs[name], cs, gs, layouts, valid, dtype, shared)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kronlink.curvature import factors as fx
 from kronlink.curvature._hooks import Call, plan, recording
-from kronlink.curvature._positions import Positions, grouped
+from kronlink.curvature._positions import Positions, module_positions, shared_inputs
 from kronlink.curvature.state import (
     CurvatureKind,
     CurvatureState,
@@ -61,7 +61,8 @@ class _Acc:
     s: Tensor | None = None  # Σ_n (U_Gᵀ ∇W̄_n U_A)²
     ua: Tensor | None = None
     ug: Tensor | None = None
-    sums: dict[str, Tensor] | None = None  # fx.split_sums (Linear, Conv1d)
+    sums: dict[str, Tensor] | None = None  # a_dev, g_dev of fx.split_sums (Linear, Conv1d)
+    means: dict[str, fx.MeanSums] | None = None  # their a_rows, g_rows
     exact: Tensor | None = None  # Σ_n vec ∇W̄_n vec ∇W̄_nᵀ (small layers)
     calls: int = 0
 
@@ -70,8 +71,10 @@ class _Acc:
         cls, info: LayerInfo, module: nn.Module, want_diag: bool, exact_max: int, **kw
     ) -> _Acc:
         """Preallocated sums, so a layer that saw no real position still has
-        (zero) factors. Memory: 3(p̄² + q²) + (with the diagonal) the weight
-        + (q·p̄)² for a layer with an exact block."""
+        (zero) factors. Memory: p̄² + q² (and twice that for the mean parts
+        once a pass has seen as many queries as the layer is wide, see
+        ``fx.MeanSums``) + (with the diagonal) the weight + (q·p̄)² for a
+        layer with an exact block."""
         acc = cls(info, module)
         if info.rule is Rule.LAYERNORM:
             acc.diag = torch.zeros(info.weight_shape, **kw).reshape(-1)
@@ -83,10 +86,8 @@ class _Acc:
         else:
             p, q = info.a_dim, info.g_dim
             acc.diag = torch.zeros(q, p, **kw) if want_diag else None
-            acc.sums = {
-                k: torch.zeros(q if k[0] == "g" else p, q if k[0] == "g" else p, **kw)
-                for k in ("a_dev", "g_dev", "a_red", "g_red", "a_wm", "g_wm")
-            }
+            acc.sums = {"a_dev": torch.zeros(p, p, **kw), "g_dev": torch.zeros(q, q, **kw)}
+            acc.means = {"a_rows": fx.MeanSums(p, **kw), "g_rows": fx.MeanSums(q, **kw)}
             if p * q <= exact_max:
                 acc.exact = torch.zeros(p * q, p * q, **kw)
             return acc
@@ -180,13 +181,12 @@ def estimate_curvature(
     try:
         step = 0
         n_examples = 0
-        for calls, grads, layouts, valid in _passes(
-            model, batches, accs, fisher_t, device, generator
-        ):
+
+        def first(name: str, pos: Positions, n_queries: int, cache: dict) -> None:
+            _first_pass(accs[name], pos, n_queries, want_diag, cache)
+
+        for valid in _passes(model, batches, accs, fisher_t, device, generator, first, acc_dtype):
             n_examples += int(valid.sum())
-            shared: dict[int, dict[str, Tensor]] = {}  # this batch's x-side sums by id(x)
-            for name, pos in grouped(accs, calls, grads, layouts, valid, acc_dtype):
-                _first_pass(accs[name], pos, int(valid.shape[0]), want_diag, shared)
             step += 1
             if progress is not None:
                 progress(step, total)
@@ -213,14 +213,17 @@ def estimate_curvature(
                     A, G = acc.a / npos, acc.g / n_examples
                 else:
                     sm = acc.sums
-                    A = (sm["a_dev"] + sm["a_wm"]) / npos
-                    G = (sm["g_dev"] + sm["g_wm"]) / n_examples
+                    a_red, a_wm = acc.means["a_rows"].result()
+                    g_red, g_wm = acc.means["g_rows"].result()
+                    acc.means = None
+                    A = (sm["a_dev"] + a_wm) / npos
+                    G = (sm["g_dev"] + g_wm) / n_examples
                 if CurvatureKind.KFAC in kinds_t:
                     kfac[name] = KFACFactors(A=A.cpu(), G=G.cpu())
                     if acc.sums is not None:
                         split[name] = SplitFactors(
-                            A_mean=(acc.sums["a_red"] / n_examples).cpu(),
-                            G_mean=(acc.sums["g_red"] / n_examples).cpu(),
+                            A_mean=(a_red / n_examples).cpu(),
+                            G_mean=(g_red / n_examples).cpu(),
                             A_dev=(acc.sums["a_dev"] / npos).cpu(),
                             G_dev=(acc.sums["g_dev"] / n_examples).cpu(),
                         )
@@ -237,13 +240,22 @@ def estimate_curvature(
 
         if two_pass:
             n_second = 0
-            for calls, grads, layouts, valid in _passes(
-                model, batches, accs, fisher_t, device, generator, kronecker_only=True
+
+            def second(name: str, pos: Positions, n_queries: int, cache: dict) -> None:
+                _second_pass(accs[name], pos, n_queries)
+
+            for valid in _passes(
+                model,
+                batches,
+                accs,
+                fisher_t,
+                device,
+                generator,
+                second,
+                acc_dtype,
+                kronecker_only=True,
             ):
                 n_second += int(valid.sum())
-                for name, pos in grouped(accs, calls, grads, layouts, valid, acc_dtype):
-                    if accs[name].info.kronecker:
-                        _second_pass(accs[name], pos, int(valid.shape[0]))
                 step += 1
                 if progress is not None:
                     progress(step, total)
@@ -294,6 +306,9 @@ def _is_kron_param(pname: str, layers: dict[str, LayerInfo]) -> bool:
 # ---- one forward/backward per batch --------------------------------------
 
 
+Reduce = Callable[[str, Positions, int, dict], None]
+
+
 def _passes(
     model: Ranker,
     batches: Iterable[RankerBatch],
@@ -301,43 +316,78 @@ def _passes(
     fisher: FisherType,
     device: torch.device,
     generator: torch.Generator | None,
+    reduce: Reduce,
+    dtype: torch.dtype,
     kronecker_only: bool = False,
-) -> Iterator[tuple[list[Call], list[Tensor], dict, Tensor]]:
+) -> Iterator[Tensor]:
+    """Run every batch; yield its ``valid`` mask (queries with a label)
+    after ``reduce`` has taken each watched module's positions."""
     watched = {n: a.module for n, a in accs.items() if a.info.kronecker or not kronecker_only}
     for batch in batches:
         # enable_grad: the caller may hold torch.no_grad() (an evaluation loop).
         with torch.enable_grad():
-            yield _one_batch(model, batch.to(device), watched, fisher, generator)
+            yield _one_batch(
+                model, batch.to(device), watched, accs, fisher, generator, reduce, dtype
+            )
 
 
 def _one_batch(
     model: Ranker,
     batch: RankerBatch,
     watched: dict[str, nn.Module],
+    accs: dict[str, _Acc],
     fisher: FisherType,
     generator: torch.Generator | None,
-) -> tuple[list[Call], list[Tensor], dict, Tensor]:
-    with recording(watched) as rec:
+    reduce: Reduce,
+    dtype: torch.dtype,
+) -> Tensor:
+    """One forward and one backward; each module is reduced inside the
+    backward as soon as all its calls have their output gradients, and its
+    inputs are dropped then (``_hooks``: memory as in a plain backward)."""
+    by_name: dict[str, list[Call]] = {}
+    got: dict[str, dict[int, Tensor]] = {}
+    ctx: dict = {}  # layouts, valid, the batch's x-side sums: set before the backward
+
+    def flush(name: str) -> None:
+        calls, mine = by_name.pop(name), got.pop(name, {})
+        grads = [mine[c.index] if c.index in mine else _zeros(c) for c in calls]
+        mine.clear()
+        pos = module_positions(
+            accs[name], calls, grads, ctx["layouts"], ctx["valid"], dtype, ctx["shared"]
+        )
+        del grads
+        for c in calls:
+            c.input = None  # autograd frees its own copy as the backward passes
+        reduce(name, pos, int(ctx["valid"].shape[0]), ctx["cache"])
+
+    def sink(call: Call, grad: Tensor) -> None:
+        mine = got.setdefault(call.name, {})
+        mine[call.index] = grad
+        if len(mine) == len(by_name[call.name]):
+            flush(call.name)
+
+    with recording(watched, sink) as rec:
         scores = model(batch)
     layouts = model.token_layouts(batch)
     labels = _labels(scores.detach(), batch, fisher, generator)
     valid = (labels >= 0) & batch.candidate_mask.any(dim=1)
-    calls = rec.calls
-    if not calls or not bool(valid.any()):
-        return [], [], layouts, valid
+    if not rec.calls or not bool(valid.any()):
+        return valid
+    for call in rec.calls:
+        by_name.setdefault(call.name, []).append(call)
+    ctx.update(layouts=layouts, valid=valid, cache={}, shared=shared_inputs(rec.calls))
     # reduction="sum": per-example gradients unscaled (never a batch mean).
     loss = ranking_loss(scores, batch.candidate_mask, labels, reduction="sum")
-    grads = torch.autograd.grad(loss, [c.output for c in calls], allow_unused=True)
-    grads = [
-        torch.zeros_like(c.output) if g is None else g for c, g in zip(calls, grads, strict=True)
-    ]
-    # Drop the graph now: only inputs and output gradients are needed.
-    return (
-        [Call(c.name, c.module, c.index, c.input, c.output.detach()) for c in calls],
-        grads,
-        layouts,
-        valid,
-    )
+    del scores
+    torch.autograd.grad(loss, rec.anchor, allow_unused=True)
+    for name in list(by_name):  # calls the loss does not depend on: zero gradients
+        flush(name)
+    return valid
+
+
+def _zeros(call: Call) -> Tensor:
+    shape, dtype, device = call.output_spec
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _labels(
@@ -362,7 +412,7 @@ def _first_pass(
     pos: Positions,
     n_queries: int,
     want_diag: bool,
-    shared: dict[int, dict[str, Tensor]] | None = None,
+    shared: dict | None = None,
 ) -> None:
     rule = acc.info.rule
     x, g, ex = pos.x, pos.g, pos.example
@@ -382,8 +432,11 @@ def _first_pass(
             token, rows = fx.embedding_pairs(x, g, ex, vocab)
             acc.diag.index_add_(0, token, rows.square())
         return
-    for key, value in fx.split_sums(x, g, ex, n_queries, shared).items():
-        acc.sums[key].add_(value)
+    for key, value in fx.split_sums(x, g, ex, n_queries, shared, pos.key).items():
+        if isinstance(value, tuple):
+            acc.means[key].add(*value)
+        else:
+            acc.sums[key].add_(value)
     if want_diag or acc.exact is not None:
         for chunk in fx.per_example_outer(g, x, ex, n_queries):
             if want_diag:

@@ -17,7 +17,7 @@ position belongs to. Sums are returned; the estimator divides at the end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,9 @@ def augment(x: Tensor) -> Tensor:
 def conv1d_patches(module: nn.Conv1d, x: Tensor) -> Tensor:
     """Unfolded input patches of a Conv1d, (N, T_out, C_in·k), ordered as
     ``weight.reshape(C_out, C_in·k)`` flattens the kernel (Grosse & Martens
-    2016: a convolution is a Linear layer applied at every output position)."""
+    2016: a convolution is a Linear layer applied at every output position).
+    Without dilation, a view (N, T_out, C_in, k) of the same numbers: flatten
+    its last two dimensions after selecting positions."""
     if isinstance(module.padding, str):
         if module.padding == "valid":
             left = right = 0
@@ -47,6 +49,11 @@ def conv1d_patches(module: nn.Conv1d, x: Tensor) -> Tensor:
         left = right = module.padding[0]
     if left or right:
         x = F.pad(x, (left, right))
+    if module.dilation[0] == 1:
+        # A strided view (N, T_out, C_in, k): the caller's selection of real
+        # positions is then the only copy (im2col copied every position,
+        # padding included, before the selection copied the real ones again).
+        return x.unfold(2, module.kernel_size[0], module.stride[0]).permute(0, 2, 1, 3)
     cols = F.unfold(
         x.unsqueeze(2),
         kernel_size=(1, module.kernel_size[0]),
@@ -131,13 +138,54 @@ def accumulate_squares(target: Tensor, chunks: Iterator[Tensor], fn: Callable[[T
         target.add_(fn(chunk).square().sum(0))
 
 
+class MeanSums:
+    """``red = Σ_n u_n u_nᵀ`` and ``wm = Σ_n T_n v_n v_nᵀ`` over queries n
+    (the split rule's mean parts, ``split_sums``), kept as the rows ``u``,
+    ``v`` and ``T`` until there are as many rows as the dimension, then
+    folded into the two dense sums. A pass over fewer queries than the
+    layer is wide never holds the dense (dim, dim) pair while the backward
+    runs; it is formed once, by ``result``, after the pass."""
+
+    def __init__(self, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.dim, self.dtype, self.device = dim, dtype, device
+        self.rows: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.n_rows = 0
+        self.red: Tensor | None = None
+        self.wm: Tensor | None = None
+
+    def add(self, u: Tensor, v: Tensor, counts: Tensor) -> None:
+        self.rows.append((u, v, counts))
+        self.n_rows += u.shape[0]
+        if self.n_rows >= self.dim:
+            self.fold()
+
+    def fold(self) -> None:
+        if self.red is None:
+            self.red = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+            self.wm = torch.zeros_like(self.red)
+        if not self.rows:
+            return
+        u = torch.cat([r[0] for r in self.rows])
+        v = torch.cat([r[1] for r in self.rows])
+        t = torch.cat([r[2] for r in self.rows])
+        self.rows, self.n_rows = [], 0
+        self.red.add_(u.T @ u)
+        self.wm.add_((v * t[:, None]).T @ v)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(red, wm)``; the rows are folded in."""
+        self.fold()
+        return self.red, self.wm
+
+
 def split_sums(
     x: Tensor,
     g: Tensor,
     example: Tensor,
     n_examples: int,
-    cache: dict[int, dict[str, Tensor]] | None = None,
-) -> dict[str, Tensor]:
+    cache: dict[Hashable, dict[str, Tensor]] | None = None,
+    key: Hashable | None = None,
+) -> dict[str, Tensor | tuple[Tensor, Tensor, Tensor]]:
     """The sums behind the candidate-aware ("split") rule and the expand rule.
 
     With ``m_n``, ``h_n`` the means of a query's ``x̄_t`` and ``g_t`` over its
@@ -149,26 +197,40 @@ def split_sums(
       rule's ``Σ_t x̄ x̄ᵀ = a_dev + a_wm`` and ``Σ_t g gᵀ = g_dev + g_wm``
       without cancellation.
 
+    Returns ``a_dev`` and ``g_dev``, and the mean parts as the rows of the
+    queries with a real position, ``"a_rows": (m, m, T)`` and
+    ``"g_rows": (s, h, T)``, for ``MeanSums.add``.
+
     The deviations are accumulated directly: subtracting the mean part from
     ``Σ x̄ x̄ᵀ`` afterwards would cancel badly in float32 when the mean
     dominates (a scoring head's inputs).
 
-    ``cache`` (per batch, keyed by ``id(x)``) keeps the x-side sums for
-    modules that share one input tensor (query, key and value)."""
-    hit = cache.get(id(x)) if cache is not None else None
+    ``cache`` (per batch) keeps the x-side sums under ``key`` for modules
+    that share one input tensor (query, key and value); no ``key``, no
+    sharing."""
+    hit = cache.get(key) if cache is not None and key is not None else None
     counts = torch.bincount(example, minlength=n_examples).to(x.dtype)
+    real = counts > 0
     # Per-query sums as one matrix product with the (P, B) one-hot: on CPU
     # ``index_add_`` over many positions cost more than Σ x̄ x̄ᵀ itself.
     onehot = F.one_hot(example, n_examples).to(x.dtype)
     t = counts.clamp_min(1)[:, None]
     sg = onehot.T @ g
     h = sg / t
-    e = g - h[example]
-    out = {"g_dev": e.T @ e, "g_red": sg.T @ sg, "g_wm": (h * counts[:, None]).T @ h}
+    # The deviations overwrite the gathered means (same values as
+    # ``g - h[example]``, one (P, q) buffer fewer) and are freed at once:
+    # this runs inside the backward, where every byte adds to the peak.
+    e = h[example]
+    e = torch.sub(g, e, out=e)
+    out = {"g_dev": e.T @ e, "g_rows": (sg[real], h[real], counts[real])}
+    del e
     if hit is None:
         m = (onehot.T @ x) / t
-        d = x - m[example]
-        hit = {"a_dev": d.T @ d, "a_red": m.T @ m, "a_wm": (m * counts[:, None]).T @ m}
-        if cache is not None:
-            cache[id(x)] = hit
+        d = m[example]
+        d = torch.sub(x, d, out=d)
+        mr = m[real]
+        hit = {"a_dev": d.T @ d, "a_rows": (mr, mr, counts[real])}
+        del d
+        if cache is not None and key is not None:
+            cache[key] = hit
     return {**hit, **out}
