@@ -31,14 +31,15 @@ def main() -> int:
                 r = client.post("/v1/link", json={"mention": mention, "ontology": onto, "top_k": 5})
                 r.raise_for_status()
                 body = r.json()
-                top = body["results"][0]
+                # no results: the retriever found nothing (an explicit no-match), a miss
+                top = body["results"][0] if body["results"] else {"id": None, "name": None}
                 rows.append(
                     {
                         "mention": mention,
                         "answer": top["id"],
                         "name": top["name"],
                         "version": body["model_version"],
-                        "ok": accepted(top["id"], codes),
+                        "ok": top["id"] is not None and accepted(top["id"], codes),
                         # the version's calibrated P(top-1 right); null for an uncalibrated one
                         "confidence": body.get("confidence"),
                         "no_match": body.get("no_match"),

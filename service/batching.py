@@ -62,8 +62,9 @@ class Answer(list[dict[str, Any]]):
     ``confidence``: the version's calibrated probability that the top answer
     is right (kronlink.calibration), None when the version has no calibration.
     ``no_match``: ``confidence`` is below the ``no_match_below`` setting, or
-    there is no candidate (the retriever found nothing sharing a word with
-    the mention; ``confidence`` is then 0 for a calibrated version).
+    the model's top candidate is one the retriever had no evidence for (a
+    generated concept sharing no word with the mention), which is then not
+    listed; with no evidence for any candidate the results are empty.
     """
 
     confidence: float | None = None
@@ -120,6 +121,8 @@ def rank_items(
     cands: list[tuple[Candidate, ...] | None] = [it.candidates for it in items]
     exact_ids: list[frozenset[str] | None] = [None] * len(items)
     ranks: list[list[int] | None] = [None] * len(items)
+    # per generated candidate: did the retriever find evidence for it (None: given)
+    evidence: list[tuple[bool, ...] | None] = [None] * len(items)
     by_index: dict[int, list[int]] = {}
     for i, it in enumerate(items):
         if it.candidates is None and it.index is not None:
@@ -128,9 +131,10 @@ def rank_items(
         first = items[positions[0]]
         assert first.index is not None
         k = max(items[i].k for i in positions)
-        found = first.index.candidates([items[i].mention for i in positions], k)
-        for i, c in zip(positions, found, strict=True):
+        found = first.index.retrieve([items[i].mention for i in positions], k)
+        for i, (c, ev) in zip(positions, found, strict=True):
             cands[i] = c[: items[i].k]
+            evidence[i] = ev[: items[i].k]
             exact_ids[i] = first.index.exact_ids(items[i].mention)
             ranks[i] = list(range(len(cands[i] or ())))  # best first
     queries = [
@@ -143,31 +147,26 @@ def rank_items(
         )
         for it, c in zip(items, cands, strict=True)
     ]
-    # A query without candidates (nothing retrieved) is not scored: it is
-    # answered "no match" with no results.
-    live = [i for i, q in enumerate(queries) if q.candidates]
-    scored: list[tuple[list[float], list[float]]] = [([], [])] * len(queries)
-    for start in range(0, len(live), max_size):
-        part = live[start : start + max_size]
-        results = model.score(
-            [queries[i] for i in part],
-            exact_margin=exact_margin,
-            exact_ids=[exact_ids[i] for i in part],
-            retrieval_ranks=[ranks[i] for i in part],
+    scored: list[tuple[list[float], list[float]]] = []
+    for start in range(0, len(queries), max_size):
+        scored.extend(
+            model.score(
+                queries[start : start + max_size],
+                exact_margin=exact_margin,
+                exact_ids=exact_ids[start : start + max_size],
+                retrieval_ranks=ranks[start : start + max_size],
+            )
         )
-        for i, r in zip(part, results, strict=True):
-            scored[i] = r
     out: list[Ranked] = []
     cal = model.calibrator
-    for it, q, (scores, probs) in zip(items, queries, scored, strict=True):
+    for i, (it, q, (scores, probs)) in enumerate(zip(items, queries, scored, strict=True)):
         order = sorted(range(len(scores)), key=lambda j: -scores[j])
-        if not scores:
-            answer = Answer()
-            answer.confidence = 0.0 if cal is not None else None
-            answer.no_match = True
-            out.append(answer)
-            continue
+        # the calibration is of the model's top over all k candidates, as on dev
         confidence = cal.top_probability(scores) if cal is not None else None
+        ev = evidence[i]
+        unfounded = ev is not None and bool(order) and not ev[order[0]]
+        if ev is not None:
+            order = [j for j in order if ev[j]]
         if it.top_k is not None:
             order = order[: it.top_k]
         cs = q.candidates or ()
@@ -182,7 +181,7 @@ def rank_items(
             for r, j in enumerate(order, start=1)
         )
         answer.confidence = confidence
-        answer.no_match = confidence is not None and confidence < no_match_below
+        answer.no_match = unfounded or (confidence is not None and confidence < no_match_below)
         out.append(answer)
     return out
 

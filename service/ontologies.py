@@ -44,18 +44,29 @@ class OntologyIndex:
         """Ids of the concepts whose name or stored synonym equals the mention."""
         return frozenset(self.index.ids[i] for i in self.index.exact(mention))
 
-    def candidates(self, mentions: Sequence[str], k: int) -> list[tuple[Candidate, ...]]:
-        """The top ``k`` concepts per mention with retrieval evidence, best
-        first (model thread only); fewer, or none, when fewer have any.
+    def retrieve(
+        self, mentions: Sequence[str], k: int
+    ) -> list[tuple[tuple[Candidate, ...], tuple[bool, ...]]]:
+        """The top ``k`` concepts per mention, best first (model thread only),
+        and per concept whether the retriever has evidence for it.
 
-        A concept BM25 scores 0 shares no token with the mention: BM25 fills
-        its top k with the first concepts of the ontology then, and the
-        ranker, made to pick one, served "flu" -> "A00 Cholera". Such filler
-        is not a candidate (an exact match scores inf, a fused hit > 0)."""
+        A concept BM25 scores 0 shares no word with the mention: BM25 fills
+        its top k with the ontology's first concepts then. Such filler is
+        still scored, so the softmax and the calibration see k candidates as
+        on dev, but it is never served as an answer (the ranker, made to pick
+        one, served "flu" -> "A00 Cholera"). An exact match scores inf and a
+        fused hit > 0: both are evidence."""
         return [
-            tuple(Candidate(cid, self.concepts[cid].name) for cid, score in hits if score > 0)
+            (
+                tuple(Candidate(cid, self.concepts[cid].name) for cid, _ in hits),
+                tuple(score > 0 for _, score in hits),
+            )
             for hits in self.index.search(list(mentions), k)
         ]
+
+    def candidates(self, mentions: Sequence[str], k: int) -> list[tuple[Candidate, ...]]:
+        """The top ``k`` concepts per mention, best first, filler included."""
+        return [c for c, _ in self.retrieve(mentions, k)]
 
 
 class OntologyIndexes:

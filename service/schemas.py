@@ -96,9 +96,10 @@ _CONFIDENCE = (
 _NO_MATCH = (
     "true when confidence is below the service's no_match_below setting: the right "
     "concept is probably not among the results. The results are still listed, best "
-    "first, as suggestions; do not take results[0] as the answer. Also true, with no "
-    "results, when the ontology's retriever found no concept sharing a word with the "
-    "mention (check the spelling, or send candidates)"
+    "first, as suggestions; do not take results[0] as the answer. Also true when the "
+    "model's top candidate was one the ontology's retriever had no evidence for (no "
+    "word shared with the mention): such candidates are never listed, and results is "
+    "empty when the retriever found nothing (check the spelling, or send candidates)"
 )
 
 

@@ -360,3 +360,37 @@ def test_the_demo_prints_the_top1_table_from_a_versions_metrics() -> None:
     ]
     assert "model + priors (served)" in lines[4] and "beta 2" in lines[5]
     assert top1_table({"test": {"accuracy": 0.3}}) == []  # fitted without the prior
+
+
+def test_serving_never_lists_a_candidate_the_retriever_had_no_evidence_for() -> None:
+    """BM25's filler (concepts sharing no word with the mention) is scored,
+    so the softmax sees k candidates as on dev, but never served; when the
+    model's top is filler, or nothing was found, the answer is no-match."""
+    from kronlink.registry.records import OntologyInfo
+    from kronlink.retrieval import Retriever
+    from service.batching import LinkItem, rank_items
+    from service.holder import LoadedModel
+    from service.ontologies import OntologyIndex
+
+    names = ["heart failure", "kidney failure", "cholera", "asthma"]
+    concepts = [Concept(str(i), n) for i, n in enumerate(names)]
+    info = OntologyInfo(1, "toy", None, len(concepts), datetime.now(UTC))
+    index = OntologyIndex(info, Retriever(concepts), {c.id: c for c in concepts})
+    _, evidence = index.retrieve(["heart failure"], 4)[0]
+    assert evidence == (True, True, False, False)
+    for table, unfounded in (
+        ({"heart failure": 2.0, "kidney failure": 1.0, "cholera": 0.0, "asthma": 0.0}, False),
+        ({"heart failure": 0.0, "kidney failure": 1.0, "cholera": 3.0, "asthma": 0.0}, True),
+    ):
+        model = LoadedModel(version=None, ranker=TableRanker(table))  # type: ignore[arg-type]
+        found, nothing = rank_items(
+            model,
+            [LinkItem("heart failure", index=index, k=4), LinkItem("zzz", index=index, k=4)],
+            8,
+        )
+        best = max(("heart failure", "kidney failure"), key=table.__getitem__)
+        assert [r["name"] for r in found] == [best, ({*names[:2]} - {best}).pop()]
+        # probabilities are over all four scored candidates, filler included
+        assert sum(r["probability"] for r in found) < 1 - 1e-3
+        assert found.no_match is unfounded
+        assert list(nothing) == [] and nothing.no_match is True
