@@ -71,10 +71,29 @@ def _batches(
         yield start, batch.to(model.device)
 
 
-def _rows(
-    ranks: Sequence[Sequence[int] | None] | None, start: int, n: int
-) -> Sequence[Sequence[int] | None] | None:
-    return None if ranks is None else ranks[start : start + n]
+def _scored(
+    model: Ranker,
+    queries: Sequence[Query],
+    batch_size: int,
+    exact_margin: float,
+    retrieval_prior: RetrievalPrior | None,
+    retrieval_ranks: Sequence[Sequence[int] | None] | None,
+) -> Iterator[tuple[int, Sequence[Query], torch.Tensor, RankerBatch]]:
+    """(start, chunk, scores as served, batch) per batch: both scorers below
+    order answers exactly as :func:`kronlink.ranking.rank_scores` does."""
+    for start, batch in _batches(model, queries, batch_size):
+        chunk = queries[start : start + batch_size]
+        scores, batch = rank_scores(
+            model,
+            chunk,
+            exact_margin=exact_margin,
+            batch=batch,
+            retrieval_prior=retrieval_prior,
+            retrieval_ranks=None
+            if retrieval_ranks is None
+            else retrieval_ranks[start : start + len(chunk)],
+        )
+        yield start, chunk, scores, batch
 
 
 @torch.no_grad()
@@ -95,16 +114,9 @@ def score_queries(
     retrieval prior (kronlink.retrieval_prior); None, the default: none."""
     model.eval()
     out: list[list[tuple[str, float, float]]] = []
-    for start, batch in _batches(model, queries, batch_size):
-        chunk = queries[start : start + batch_size]
-        scores, batch = rank_scores(
-            model,
-            chunk,
-            exact_margin=exact_margin,
-            batch=batch,
-            retrieval_prior=retrieval_prior,
-            retrieval_ranks=_rows(retrieval_ranks, start, len(chunk)),
-        )
+    for start, chunk, scores, batch in _scored(
+        model, queries, batch_size, exact_margin, retrieval_prior, retrieval_ranks
+    ):
         probs = masked_log_softmax(scores, batch.candidate_mask).exp()
         for i, q in enumerate(chunk):
             cands = q.candidates or ()
@@ -137,16 +149,9 @@ def evaluate(
     model.eval()
     ranks: list[int] = []
     try:
-        for start, batch in _batches(model, queries, batch_size):
-            chunk = queries[start : start + batch_size]
-            scores, batch = rank_scores(
-                model,
-                chunk,
-                exact_margin=exact_margin,
-                batch=batch,
-                retrieval_prior=retrieval_prior,
-                retrieval_ranks=_rows(retrieval_ranks, start, len(chunk)),
-            )
+        for start, _, scores, batch in _scored(
+            model, queries, batch_size, exact_margin, retrieval_prior, retrieval_ranks
+        ):
             ranks.extend(rank_of_gold(scores, batch.candidate_mask, batch.labels))
             if on_batch is not None:
                 on_batch(min(start + batch_size, len(queries)), len(queries))
