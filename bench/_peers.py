@@ -82,18 +82,28 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def make_curvlinops(ranker: nn.Module, batches: Sequence[RankerBatch]) -> Pass:
-    from curvlinops import KFACLinearOperator
-    from curvlinops.kfac import FisherType, KFACType
 
     packed = PackedTransformer(ranker)
     linears = _linears(packed)
-    params = [p for m in linears for p in m.parameters() if p.requires_grad]
     data = [(pack_transformer(b), b.labels) for b in batches]
-    n = sum(b.size for b in batches)
+    return Pass(
+        f"{len(linears)} Linear only (model: {_count(ranker)}); A includes padded tokens",
+        _curvlinops_run(packed, linears, data, sum(b.size for b in batches)),
+    )
+
+
+def _curvlinops_run(
+    model: nn.Module, linears: Sequence[nn.Linear], data: list, n: int, **extra: Any
+) -> Callable[[], Any]:
+    """curvlinops' empirical KFAC (expand) over ``linears``, as a timed pass."""
+    from curvlinops import KFACLinearOperator
+    from curvlinops.kfac import FisherType, KFACType
+
+    params = [p for m in linears for p in m.parameters() if p.requires_grad]
 
     def run() -> Any:
         op = KFACLinearOperator(
-            packed,
+            model,
             nn.CrossEntropyLoss(reduction="mean"),
             params,
             data,
@@ -103,14 +113,12 @@ def make_curvlinops(ranker: nn.Module, batches: Sequence[RankerBatch]) -> Pass:
             check_deterministic=False,
             num_data=n,
             num_per_example_loss_terms=1,
+            **extra,
         )
         op.compute_kronecker_factors()
         return op._input_covariances, op._gradient_covariances
 
-    return Pass(
-        f"{len(linears)} Linear only (model: {_count(ranker)}); A includes padded tokens",
-        run,
-    )
+    return run
 
 
 def make_asdl(ranker: nn.Module, batches: Sequence[RankerBatch]) -> Pass:
@@ -217,32 +225,17 @@ def make_curvlinops_cnn(ranker: nn.Module, batches: Sequence[RankerBatch]) -> Pa
     """curvlinops on the CNN's Linear layers (it has no Conv1d or Embedding
     rule), same options as ``make_curvlinops``; the head's (B, C, F) input
     counts C positions per query (expand)."""
-    from curvlinops import KFACLinearOperator
-    from curvlinops.kfac import FisherType, KFACType
 
     wrapped = DictRanker(ranker)
     linears = _linears(wrapped)
-    params = [p for m in linears for p in m.parameters() if p.requires_grad]
     data = [({**b.features, "candidate_mask": b.candidate_mask}, b.labels) for b in batches]
-    n = sum(b.size for b in batches)
-
-    def run() -> Any:
-        op = KFACLinearOperator(
-            wrapped,
-            nn.CrossEntropyLoss(reduction="mean"),
-            params,
-            data,
-            fisher_type=FisherType.EMPIRICAL,
-            kfac_approx=KFACType.EXPAND,
-            separate_weight_and_bias=False,
-            check_deterministic=False,
-            num_data=n,
-            num_per_example_loss_terms=1,
-            batch_size_fn=lambda x: x["candidate_mask"].shape[0],
-        )
-        op.compute_kronecker_factors()
-        return op._input_covariances, op._gradient_covariances
-
+    run = _curvlinops_run(
+        wrapped,
+        linears,
+        data,
+        sum(b.size for b in batches),
+        batch_size_fn=lambda x: x["candidate_mask"].shape[0],
+    )
     return Pass(f"{len(linears)} Linear only (model: {_count(ranker)})", run)
 
 

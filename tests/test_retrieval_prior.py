@@ -16,11 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
+from test_ranking import TableRanker
 
 from kronlink.data.schema import Candidate, Concept, Query
 from kronlink.evaluation import evaluate, score_queries
-from kronlink.models.base import Ranker, RankerBatch
 from kronlink.ranking import rank_scores
 from kronlink.retrieval_prior import (
     BETA_GRID,
@@ -29,30 +28,6 @@ from kronlink.retrieval_prior import (
     retrieval_ranks,
     sign_test_p,
 )
-
-
-class TableRanker(Ranker):
-    """Scores a candidate by its name, from a fixed table."""
-
-    kind = "table"
-
-    def __init__(self, table: dict[str, float]) -> None:
-        super().__init__()
-        self.table = table
-        self.anchor = nn.Parameter(torch.zeros(()))
-
-    def encode(self, queries):
-        width = max(len(q.candidates or ()) for q in queries)
-        scores = torch.zeros((len(queries), width))
-        mask = torch.zeros((len(queries), width), dtype=torch.bool)
-        for i, q in enumerate(queries):
-            for j, c in enumerate(q.candidates or ()):
-                scores[i, j], mask[i, j] = self.table[c.name], True
-        labels = torch.tensor([q.gold_index() for q in queries])
-        return RankerBatch({"scores": scores}, mask, labels)
-
-    def forward(self, batch: RankerBatch) -> torch.Tensor:
-        return batch.features["scores"] + self.anchor
 
 
 def _brute(scores, ranks, gold, beta):

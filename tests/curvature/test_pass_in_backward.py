@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from cv_models import MiniCrossEncoder, rows_example
+from test_real_rankers import QUERIES, TINY  # the fixture file was written from these
 from torch import Tensor, nn
 
 import kronlink.curvature.estimate as est
@@ -32,43 +33,11 @@ import kronlink.models as models
 from kronlink.curvature import estimate_curvature
 from kronlink.curvature._hooks import recording
 from kronlink.curvature._positions import grouped
-from kronlink.data.schema import Candidate, Query
 from kronlink.models.base import Ranker, RankerBatch, TokenLayout, ranking_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIXTURE = Path(__file__).parent / "data" / "factors_before_issue14.safetensors"
-TINY = {
-    "transformer": {"encoder": None, "num_layers": 2, "max_length": 48},
-    "cnn": {"tokenizer": None, "embedding_dim": 8, "channels": 8, "hidden_size": 8},
-}
-QUERIES = [
-    Query(
-        "heart attack",
-        "I21",
-        "the patient had a severe",
-        "last week",
-        (Candidate("I20", "angina pectoris"), Candidate("I21", "myocardial infarction")),
-    ),
-    Query(
-        "fever",
-        "R50",
-        "admitted with a high",
-        "and cough for three days",
-        (
-            Candidate("R05", "cough"),
-            Candidate("R50", "fever of other and unknown origin"),
-            Candidate("J18", "pneumonia, unspecified organism"),
-        ),
-    ),
-    Query(
-        "sugar",
-        "E10",
-        "",
-        "",
-        (Candidate("E11", "type 2 diabetes"), Candidate("E10", "type 1 diabetes")),
-    ),
-]
 
 
 class TwiceRanker(Ranker):
