@@ -4,8 +4,7 @@ calls of a module that ran several times in one forward are pooled."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -18,12 +17,29 @@ from kronlink.errors import ConfigError
 from kronlink.models.base import TokenLayout
 
 
-@dataclass
 class Positions:
-    x: Tensor  # (P, p̄) inputs (augmented), token ids (P,) or x̂ (P, D)
-    g: Tensor  # (P, q)
-    example: Tensor  # (P,)
-    key: Hashable | None = None  # equal keys: equal x (``module_positions``)
+    """``x`` (P, p̄) inputs (augmented), token ids (P,) or x̂ (P, D); ``g``
+    (P, q); ``example`` (P,); equal ``key``s: equal x (``module_positions``).
+    A Conv1d's ``x`` (its patches) is formed only when read: the split
+    rule's sums take ``conv`` instead (``fx.conv1d_lag_sums``), and on the
+    CNN gathering the patches cost as much as the convolution itself."""
+
+    def __init__(
+        self,
+        x: Tensor | Callable[[], Tensor],
+        g: Tensor,
+        example: Tensor,
+        key: Hashable | None = None,
+        conv: fx.ConvInput | None = None,
+    ) -> None:
+        self._x = x
+        self.g, self.example, self.key, self.conv = g, example, key, conv
+
+    @property
+    def x(self) -> Tensor:
+        if callable(self._x):
+            self._x = self._x()
+        return self._x
 
 
 def _layout(call: Call, layouts: dict, n_rows: int, n_queries: int, positions_per_row: int):
@@ -62,7 +78,8 @@ def positions(
     elif rule is Rule.CONV1D:
         if x.dim() != 3:
             raise ConfigError(f"Conv1d {call.name!r}: expected a batched (N, C, T) input")
-        xs = fx.conv1d_patches(module, x.to(dtype))
+        x = x.to(dtype)
+        xs = fx.conv1d_patches(module, x)
         gs = grad.to(dtype).transpose(1, 2)
         n = x.shape[0]
     elif rule is Rule.EMBEDDING:
@@ -96,13 +113,19 @@ def positions(
         # PyTorch gives the padding row no gradient: such positions are padding.
         keep = keep & (xs != module.padding_idx)
     ex = example[:, None].expand(n, positions)[keep]
-    sel = xs[keep]
-    if sel.dim() > 2:  # conv1d_patches' (N, T_out, C_in, k) view
-        sel = sel.reshape(sel.shape[0], -1)
-    if rule in (Rule.LINEAR, Rule.CONV1D) and module.bias is not None:
+    bias = rule in (Rule.LINEAR, Rule.CONV1D) and module.bias is not None
+
+    def selected() -> Tensor:
+        sel = xs[keep]
+        if sel.dim() > 2:  # conv1d_patches' (N, T_out, C_in, k) view
+            sel = sel.reshape(sel.shape[0], -1)
         # the bias column after the selection: padding is never copied
-        return Positions(x=fx.augment(sel), g=gs[keep], example=ex)
-    return Positions(x=sel, g=gs[keep], example=ex)
+        return fx.augment(sel) if bias else sel
+
+    if rule is Rule.CONV1D and fx.ConvInput.supports(module):
+        conv = fx.ConvInput(module, x, keep, example)
+        return Positions(x=selected, g=gs[keep], example=ex, conv=conv)
+    return Positions(x=selected(), g=gs[keep], example=ex)
 
 
 def module_positions(

@@ -182,8 +182,10 @@ def estimate_curvature(
         step = 0
         n_examples = 0
 
+        work = fx.Workspace()
+
         def first(name: str, pos: Positions, n_queries: int, cache: dict) -> None:
-            _first_pass(accs[name], pos, n_queries, want_diag, cache)
+            _first_pass(accs[name], pos, n_queries, want_diag, cache, work)
 
         for valid in _passes(model, batches, accs, fisher_t, device, generator, first, acc_dtype):
             n_examples += int(valid.sum())
@@ -413,18 +415,21 @@ def _first_pass(
     n_queries: int,
     want_diag: bool,
     shared: dict | None = None,
+    work: fx.Workspace | None = None,
 ) -> None:
     rule = acc.info.rule
-    x, g, ex = pos.x, pos.g, pos.example
+    g, ex = pos.g, pos.example
     if rule is Rule.LAYERNORM:
+        x = pos.x
         gw = fx.per_example_rows(g * x, ex, n_queries)
         _add(acc, "diag", gw.square().sum(0))
         if acc.info.bias:
             gb = fx.per_example_rows(g, ex, n_queries)
             _add(acc, "diag_bias", gb.square().sum(0))
         return
-    acc.positions += int(x.shape[0])
+    acc.positions += int(g.shape[0])
     if rule is Rule.EMBEDDING:
+        x = pos.x
         _add(acc, "g", g.T @ g)
         vocab = acc.info.weight_shape[0]
         _add(acc, "a", torch.bincount(x, minlength=vocab).to(g.dtype))
@@ -432,13 +437,15 @@ def _first_pass(
             token, rows = fx.embedding_pairs(x, g, ex, vocab)
             acc.diag.index_add_(0, token, rows.square())
         return
-    for key, value in fx.split_sums(x, g, ex, n_queries, shared, pos.key).items():
+    x_sums = fx.conv1d_lag_sums(pos.conv, n_queries, work) if pos.conv is not None else None
+    x = None if x_sums is not None else pos.x
+    for key, value in fx.split_sums(x, g, ex, n_queries, shared, pos.key, x_sums).items():
         if isinstance(value, tuple):
             acc.means[key].add(*value)
         else:
             acc.sums[key].add_(value)
     if want_diag or acc.exact is not None:
-        for chunk in fx.per_example_outer(g, x, ex, n_queries):
+        for chunk in fx.per_example_outer(g, pos.x, ex, n_queries):
             if want_diag:
                 acc.diag.add_(chunk.square().sum(0))
             if acc.exact is not None:
