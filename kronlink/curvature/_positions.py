@@ -79,7 +79,7 @@ def positions(
         if x.dim() != 3:
             raise ConfigError(f"Conv1d {call.name!r}: expected a batched (N, C, T) input")
         x = x.to(dtype)
-        xs = fx.conv1d_patches(module, x)
+        xs = None  # the patches, formed by ``selected`` only if asked for (a padded copy)
         gs = grad.to(dtype).transpose(1, 2)
         n = x.shape[0]
     elif rule is Rule.EMBEDDING:
@@ -92,13 +92,13 @@ def positions(
         xhat = fx.layer_norm_hat(module, x.to(dtype))
         xs = xhat.reshape(n, -1, xhat.shape[-1])
         gs = grad.to(dtype).reshape(n, xs.shape[1], -1)
-    positions = xs.shape[1]
+    positions, device = gs.shape[1], gs.device
     lay = _layout(call, layouts, n, valid.shape[0], positions)
     if lay is None:
-        mask = torch.ones(n, positions, dtype=torch.bool, device=xs.device)
-        example = torch.arange(n, device=xs.device)
+        mask = torch.ones(n, positions, dtype=torch.bool, device=device)
+        example = torch.arange(n, device=device)
     else:
-        mask, example = lay.mask.to(xs.device), lay.example.to(xs.device)
+        mask, example = lay.mask.to(device), lay.example.to(device)
         if mask.numel() != n * positions or example.shape != (n,):
             raise ConfigError(
                 f"token layout of {call.name!r}: mask {tuple(mask.shape)} / example "
@@ -116,7 +116,7 @@ def positions(
     bias = rule in (Rule.LINEAR, Rule.CONV1D) and module.bias is not None
 
     def selected() -> Tensor:
-        sel = xs[keep]
+        sel = (xs if xs is not None else fx.conv1d_patches(module, x))[keep]
         if sel.dim() > 2:  # conv1d_patches' (N, T_out, C_in, k) view
             sel = sel.reshape(sel.shape[0], -1)
         # the bias column after the selection: padding is never copied
