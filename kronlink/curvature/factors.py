@@ -27,6 +27,9 @@ from torch import Tensor, nn
 # Upper bound on the elements of one chunk of per-example gradients
 # (B_chunk * q * p̄): 2**25 float32 numbers are 128 MiB.
 _CHUNK_ELEMENTS = 2**25
+# Elements of one chunk of gathered Conv1d patches (``conv1d_lag_sums``):
+# 2**19 float32 numbers are 2 MiB, about a core's share of cache here.
+_PATCH_CHUNK = 2**19
 
 
 def augment(x: Tensor) -> Tensor:
@@ -153,17 +156,24 @@ def conv1d_lag_sums(
     idx0 = keep_p.view(-1).nonzero().squeeze(1)  # flat (row·Tp + s) indices
     q0 = rows[idx0 // tp]
 
-    def per_query(values: Tensor) -> Tensor:
-        return values.new_zeros(n_examples, values.shape[1]).index_add_(0, q0, values)
-
-    mu = per_query(z.index_select(0, idx0 + (k - 1) // 2)) / t
+    centre = z.index_select(0, idx0 + (k - 1) // 2)
+    mu = centre.new_zeros(n_examples, c).index_add_(0, q0, centre) / t
+    del centre
     zt.sub_(mu[rows][:, None, :])
-    real_patches = work.take("patches", (idx0.shape[0], k * c), z)
-    torch.index_select(patch, 0, idx0, out=real_patches)  # (P, k·C)
-    # the mean patch of query n minus its centring, (tap, channel) order
-    dm = per_query(real_patches) / t
-    row0 = real_patches[:, :c].T @ real_patches  # blocks (0, d), side by side
-    del real_patches
+    # Blocks (0, d) side by side, and each query's summed patch (tap,
+    # channel order), over chunks of real positions: a chunk of patches
+    # stays in cache between its gather and its product, and the buffer is
+    # small.
+    row0 = z.new_zeros(c, k * c)
+    dm = z.new_zeros(n_examples, k * c)
+    step = max(1, _PATCH_CHUNK // (k * c))
+    for start in range(0, idx0.shape[0], step):
+        sel = idx0[start : start + step]
+        chunk = work.take("patches", (sel.shape[0], k * c), z)
+        torch.index_select(patch, 0, sel, out=chunk)
+        row0.addmm_(chunk[:, :c].T, chunk)
+        dm.index_add_(0, q0[start : start + step], chunk)
+    dm /= t  # the mean patch of query n minus its centring
     blocks: dict[tuple[int, int], Tensor] = {(0, d): row0[:, d * c : (d + 1) * c] for d in range(k)}
     prev = keep_p
     for a in range(1, k):

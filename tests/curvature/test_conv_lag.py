@@ -103,3 +103,17 @@ def test_strided_and_dilated_convolutions_take_the_patches_path(stride, dilation
     patches = fx.augment(patches.reshape(-1, 9))
     want = patches.T @ patches / patches.shape[0]
     assert torch.allclose(state.kfac["conv"].A, want, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_sums_equal_one_chunk(monkeypatch) -> None:
+    module = nn.Conv1d(4, 3, 3, padding=1).double()
+    x = torch.randn(6, 4, 10, dtype=torch.float64) + 1.0
+    keep = torch.rand(6, 10) < 0.7
+    rows = torch.arange(6) // 2
+    want = _explicit(module, x, keep, rows, 3)
+    monkeypatch.setattr(fx, "_PATCH_CHUNK", 5 * 12)  # five positions a chunk
+    got = fx.conv1d_lag_sums(fx.ConvInput(module, x, keep, rows), 3, fx.Workspace())
+    assert int(keep.sum()) > 5
+    assert torch.allclose(got["a_dev"], want["a_dev"], rtol=1e-12, atol=1e-12)
+    for w, h in zip(want["a_rows"], got["a_rows"], strict=True):
+        assert torch.allclose(w, h, rtol=1e-12, atol=1e-12)
