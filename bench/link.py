@@ -214,6 +214,7 @@ class Point:
     retrieve_ms: float = 0.0  # the retriever's search (exact names, BM25, dense, fusion)
     query_encode_ms: float = 0.0  # fused: MiniLM encoding the mentions (part of retrieve)
     bm25_ms: float = 0.0  # BM25's search to the depth the mode reads (part of retrieve)
+    dense_scores_ms: float = 0.0  # fused: the inner products over the index (part of retrieve)
 
 
 def summarize(latencies: list[float], queries: int, seconds: float) -> Point:
@@ -311,8 +312,10 @@ def in_process(
         depth = max(candidates, r.depth) if r.mode == "fused" else candidates
         point.retrieve_ms = _median_ms(lambda: index.retrieve(mentions, candidates))
         point.bm25_ms = _median_ms(lambda: r.bm25.search(mentions, depth))
-        if r.encoder is not None:
+        if r.encoder is not None and r.dense is not None:
             point.query_encode_ms = _median_ms(lambda: r.encoder.encode(mentions))
+            q = r.encoder.encode(mentions)
+            point.dense_scores_ms = _median_ms(lambda: r.dense.concept_scores(q))
     return point
 
 

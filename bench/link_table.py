@@ -123,9 +123,9 @@ def render_retrievers(rec: dict[str, Any]) -> str:
         ),
         "| retriever | clients | p50 ms | p99 ms | q/s | p50 / "
         + base
-        + " (range) | in-process: batch ms | retrieve ms | of which query encode ms "
-        "| BM25 search ms | model call ms (service) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + " (range) | in-process: batch ms | retrieve ms | of which: query encode ms "
+        "| dense scores ms | BM25 search ms | model call ms (service) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by: dict[tuple[str, int], dict[str, Any]] = {}
     for row in rec["rows"]:
@@ -147,9 +147,10 @@ def render_retrievers(rec: dict[str, Any]) -> str:
                 f"| {med(s['p99_ms'] for s in svc):.1f} | {med(s['qps'] for s in svc):.1f} "
                 f"| {med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
                 f"| {med(i['p50_ms'] for i in ref):.1f} "
-                f"| {med(i.get('retrieve_ms', 0) for i in ref):.1f} "
-                f"| {med(i.get('query_encode_ms', 0) for i in ref):.1f} "
-                f"| {med(i.get('bm25_ms', 0) for i in ref):.1f} "
+                f"| {med(i.get('retrieve_ms', 0) for i in ref):.2f} "
+                f"| {med(i.get('query_encode_ms', 0) for i in ref):.2f} "
+                f"| {med(i.get('dense_scores_ms', 0) for i in ref):.2f} "
+                f"| {med(i.get('bm25_ms', 0) for i in ref):.2f} "
                 f"| {med(s['model_ms'] for s in svc):.1f} |"
             )
     loads = [r["loadavg_1min"] for row in by.values() for r in row["rounds"]]
