@@ -22,6 +22,7 @@ linear; the table shows each size so the reader can check).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -135,6 +136,16 @@ def table(record: dict) -> str:
             f"| {r['peak_rss_growth_mib']:.1f} | {per_10k(r, 'peak_rss_growth_mib'):.1f} "
             f"| {stored} | {r['torch_threads']} | {r['loadavg_1min']} |"
         )
+    for kind in ("bm25", "dense"):  # what memory grows with, between the sizes
+        rows = sorted((r for r in record["rows"] if r["kind"] == kind), key=lambda r: r["concepts"])
+        for a, b in itertools.pairwise(rows):
+            slope = (b["peak_rss_growth_mib"] - a["peak_rss_growth_mib"]) / (
+                b["concepts"] - a["concepts"]
+            )
+            out.append(
+                f"\n{kind}: peak RSS growth rose {slope * 10_000:.1f} MiB per 10k concepts "
+                f"from {a['concepts']:,} to {b['concepts']:,} concepts."
+            )
     dense = [r for r in record["rows"] if r["kind"] == "dense"]
     if dense:
         out.append(
