@@ -614,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
+            # thread settings of the BLAS and OpenMP pools the server inherits
+            "thread_env": {
+                k: os.environ[k]
+                for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                if k in os.environ
+            },
         },
         "started_unix": started,
         "rows": [
