@@ -239,7 +239,7 @@ def scrape(port: int) -> dict[str, float]:
 
 
 # -- in-process ---------------------------------------------------------------
-_RETRIEVERS: dict[str, object] = {}  # mode -> the in-process OntologyIndex (built once)
+_RETRIEVERS: dict[tuple[Path, str], object] = {}  # (data, mode) -> in-process OntologyIndex
 
 
 def in_process(
@@ -269,7 +269,7 @@ def in_process(
 
     index = None
     if bm25:  # the retriever the service builds for the ontology (service/ontologies.py)
-        index = _RETRIEVERS.get(mode)
+        index = _RETRIEVERS.get((data, mode))
         if index is None:
             cs = concepts()
             engine = create_engine_from_url(settings.database)
@@ -282,7 +282,7 @@ def in_process(
                 Settings(data_dir=data, retriever_mode=mode),
                 folder=folder if folder.is_dir() else None,
             )
-            index = _RETRIEVERS[mode] = OntologyIndex(info, retriever, {c.id: c for c in cs})
+            index = _RETRIEVERS[data, mode] = OntologyIndex(info, retriever, {c.id: c for c in cs})
     items = []
     for i in range(concurrency):
         q = query(i, candidates, bm25)
