@@ -89,7 +89,7 @@ def render(records: list[dict[str, Any]]) -> str:
         for row in rec["rows"]:
             s, i = row["service"], row["in_process"]
             c, per = row["clients"], row["per_request"]
-            batch = c if row["route"] == "/v1/link" else per
+            batch = per if row["route"].startswith("/v1/link/batch") else c
             out.append(
                 f"| {row['route']} | {c} | {per} | {s['qps']:.1f} | {s['p50_ms']:.1f} "
                 f"| {s['p99_ms']:.1f} | {s.get('rejected', 0)} | {i['qps']:.1f} ({batch}) "

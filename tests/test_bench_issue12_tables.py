@@ -27,6 +27,10 @@ def test_retriever_tables_reprint_from_their_records() -> None:
             "results/bench/link-fused-vs-bm25-openblas1.json",
             "| fused | 1 | 12.3 | 24.3 | 75.5 | 4.83 ",
         ),
+        (
+            "results/bench/link-fused-vs-bm25-8clients.json",
+            "| fused | 8 | 119.7 | 166.4 | 67.1 | 6.77 ",
+        ),
     ):
         rec = _record(path)
         assert rec["retrievers"] == ["bm25", "fused"]
