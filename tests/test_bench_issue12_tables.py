@@ -31,6 +31,10 @@ def test_retriever_tables_reprint_from_their_records() -> None:
             "results/bench/link-fused-vs-bm25-8clients.json",
             "| fused | 8 | 119.7 | 166.4 | 67.1 | 6.77 ",
         ),
+        (
+            "results/bench/link-fused-vs-bm25-8clients-openblas1.json",
+            "| fused | 8 | 49.8 | 68.6 | 157.6 | 3.00 ",
+        ),
     ):
         rec = _record(path)
         assert rec["retrievers"] == ["bm25", "fused"]
