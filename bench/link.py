@@ -3,6 +3,8 @@
     python bench/link.py                       # transformer (3-layer MiniLM), 1/8/64 clients
     python bench/link.py --short               # a quick run (CNN, 3 s a point)
     python bench/link.py --model cnn --duration 10 --json results/bench/link-cnn.json
+    python bench/link.py --model cnn --concurrency 1 --duration 10 --rounds 3 \
+        --retriever bm25,fused --no-batch-route --json results/bench/link-fused-vs-bm25.json
 
 One run registers a version and a 5,000-concept ontology in a fresh embedded
 registry, starts ``kronlink serve`` as a child process, and measures:
@@ -19,7 +21,17 @@ registry, starts ``kronlink serve`` as a child process, and measures:
 
 On a shared machine the load changes within a run: ``--rounds R`` measures
 each level R times, service and in-process alternating, and the row keeps
-the round of median ratio (every round's ratio is in the record)."""
+the round of median ratio (every round's ratio is in the record).
+
+``--retriever bm25,fused`` measures each retriever mode (KRONLINK_RETRIEVER_MODE)
+on the same registered version and ontology: one server process per mode,
+started together, the modes taking turns within every round. The ontology is
+then stored as the worker stores it in fused mode (a folder with the dense
+index, built and timed here); a bm25 server reads only its concepts. The
+table adds p50/p99 per mode and the ratio of each mode's p50 to the first
+mode's in the same round, and the in-process point times the parts of the
+path apart (retrieval, its dense query encode and its BM25 search).
+``python bench/link_table.py RECORD`` re-prints the tables."""
 
 from __future__ import annotations
 
@@ -112,8 +124,13 @@ def build_model(kind: str):
     return build_ranker("cnn", max_query_length=32, max_name_length=12)
 
 
-def register(data: Path, kind: str) -> None:
-    """Version 1 of lineage main, as the worker registers one."""
+def register(data: Path, kind: str, dense: bool = False) -> dict:
+    """Version 1 of lineage main, as the worker registers one.
+
+    ``dense``: the ontology is stored as the worker stores it in fused mode,
+    a folder holding the concepts and the dense index (built here, timed);
+    a copy stays in ``data / "bench-ontology"`` for the in-process path.
+    Returns what registering cost (the dense build's seconds, entries)."""
     from kronlink.registry import (
         ArtifactStore,
         activate_version,
@@ -137,9 +154,35 @@ def register(data: Path, kind: str) -> None:
 
     scratch = Path(tempfile.mkdtemp())
     write_ontology(scratch / "ontology.jsonl", concepts())
-    onto = ArtifactStore(settings.artifact_url).put_file(
-        f"ontologies/{ONTOLOGY}/bench", scratch / "ontology.jsonl"
-    )
+    cost: dict = {}
+    if dense:
+        from kronlink.retrieval import shared_encoder
+        from kronlink.retrieval.dense import DenseIndex
+
+        t0 = time.perf_counter()
+        encoder = shared_encoder()
+        t1 = time.perf_counter()
+        index = DenseIndex.build(concepts(), encoder)
+        t2 = time.perf_counter()
+        index.save(scratch)
+        cost = {
+            "encoder_load_s": round(t1 - t0, 2),
+            "dense_build_s": round(t2 - t1, 2),
+            "dense_entries": len(index.vectors),
+            "torch_threads": torch_threads(),
+            "loadavg_1min": os.getloadavg()[0],
+        }
+        print(
+            f"  dense index: {len(index.vectors)} entries in {t2 - t1:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        shutil.copytree(scratch, data / "bench-ontology")
+        onto = ArtifactStore(settings.artifact_url).put_dir(f"ontologies/{ONTOLOGY}/bench", scratch)
+    else:
+        onto = ArtifactStore(settings.artifact_url).put_file(
+            f"ontologies/{ONTOLOGY}/bench", scratch / "ontology.jsonl"
+        )
     shutil.rmtree(scratch)
     engine = create_engine_from_url(settings.database)
     with lineage_transaction(make_session_factory(engine), "main") as s:
@@ -147,6 +190,13 @@ def register(data: Path, kind: str) -> None:
         v = create_version(s, lineage="main", method="none", artifact=art)
         activate_version(s, v.id, actor="bench")
     engine.dispose()
+    return cost
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 @dataclass
@@ -160,6 +210,11 @@ class Point:
     cpu_ms: float = 0.0  # CPU time per query (server processes, or this process)
     rejected: int = 0  # service: 429 answers (overload) during the measured window
     client_cpu_ms: float = 0.0  # service: the load generator's CPU time per query
+    # in-process, timed apart after the loop (ms per batch of C queries):
+    retrieve_ms: float = 0.0  # the retriever's search (exact names, BM25, dense, fusion)
+    query_encode_ms: float = 0.0  # fused: MiniLM encoding the mentions (part of retrieve)
+    bm25_ms: float = 0.0  # BM25's search to the depth the mode reads (part of retrieve)
+    dense_scores_ms: float = 0.0  # fused: the inner products over the index (part of retrieve)
 
 
 def summarize(latencies: list[float], queries: int, seconds: float) -> Point:
@@ -184,8 +239,16 @@ def scrape(port: int) -> dict[str, float]:
 
 
 # -- in-process ---------------------------------------------------------------
+_RETRIEVERS: dict[tuple[Path, str], object] = {}  # (data, mode) -> in-process OntologyIndex
+
+
 def in_process(
-    data: Path, concurrency: int, duration: float, candidates: int, bm25: bool = False
+    data: Path,
+    concurrency: int,
+    duration: float,
+    candidates: int,
+    bm25: bool = False,
+    mode: str = "bm25",
 ) -> Point:
     from kronlink.registry import ArtifactStore, active_version, create_engine_from_url
     from kronlink.registry import make_session_factory as msf
@@ -199,19 +262,27 @@ def in_process(
         version = active_version(s, "main")
     engine.dispose()
     model = load_version(ArtifactStore(settings.artifact_url), version, "cpu")
-    from kronlink.data.candidates import CandidateIndex
     from kronlink.data.schema import Candidate
     from kronlink.registry import get_ontology
+    from kronlink.retrieval import retriever_for
     from service.ontologies import OntologyIndex
 
     index = None
-    if bm25:  # the index the service builds for the ontology (service/ontologies.py)
-        cs = concepts()
-        engine = create_engine_from_url(settings.database)
-        with msf(engine).begin() as s:
-            info = get_ontology(s, ONTOLOGY)
-        engine.dispose()
-        index = OntologyIndex(info, CandidateIndex(cs), {c.id: c for c in cs})
+    if bm25:  # the retriever the service builds for the ontology (service/ontologies.py)
+        index = _RETRIEVERS.get((data, mode))
+        if index is None:
+            cs = concepts()
+            engine = create_engine_from_url(settings.database)
+            with msf(engine).begin() as s:
+                info = get_ontology(s, ONTOLOGY)
+            engine.dispose()
+            folder = data / "bench-ontology"
+            retriever = retriever_for(
+                cs,
+                Settings(data_dir=data, retriever_mode=mode),
+                folder=folder if folder.is_dir() else None,
+            )
+            index = _RETRIEVERS[data, mode] = OntologyIndex(info, retriever, {c.id: c for c in cs})
     items = []
     for i in range(concurrency):
         q = query(i, candidates, bm25)
@@ -235,7 +306,26 @@ def in_process(
         done += concurrency
     point = summarize(lat, done, time.perf_counter() - t0)
     point.cpu_ms = (time.process_time() - c0) / done * 1000
+    if index is not None:  # the retrieval's parts, apart (each a median of 20 repeats)
+        r = index.index
+        mentions = [it.mention for it in items]
+        depth = max(candidates, r.depth) if r.mode == "fused" else candidates
+        point.retrieve_ms = _median_ms(lambda: index.retrieve(mentions, candidates))
+        point.bm25_ms = _median_ms(lambda: r.bm25.search(mentions, depth))
+        if r.encoder is not None and r.dense is not None:
+            point.query_encode_ms = _median_ms(lambda: r.encoder.encode(mentions))
+            q = r.encoder.encode(mentions)
+            point.dense_scores_ms = _median_ms(lambda: r.dense.concept_scores(q))
     return point
+
+
+def _median_ms(fn, repeats: int = 20) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
 
 
 # -- the service ----------------------------------------------------------------
@@ -395,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="KRONLINK_LINK_FAST_PATH=false: every request through FastAPI's route",
     )
+    p.add_argument(
+        "--retriever",
+        default="bm25",
+        help="retriever modes (KRONLINK_RETRIEVER_MODE), comma-separated, e.g. bm25,fused: "
+        "one server each, taking turns every round; ratios are to the first",
+    )
     p.add_argument("--short", action="store_true", help="CNN, 1 and 8 clients, 3 s a point")
     p.add_argument("--json", help="also write the record here (bench/link_table.py reads it)")
     args = p.parse_args(argv)
@@ -402,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.concurrency, args.duration, args.warmup = "cnn", "1,8", 3.0, 1.0
     levels = [int(c) for c in args.concurrency.split(",")]
     bm25 = args.candidates_from == "bm25"
+    modes = args.retriever.split(",")
+    if not set(modes) <= {"bm25", "fused"} or len(set(modes)) != len(modes):
+        p.error(f"--retriever: distinct modes of bm25, fused; got {args.retriever!r}")
+    if len(modes) > 1 and not bm25:
+        p.error("--retriever with several modes needs --candidates-from bm25")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -411,9 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     load_before = os.getloadavg()
     started = time.time()
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
-        register(data, args.model)
-        port = free_port()
+        registration = register(data, args.model, dense="fused" in modes)
         extra = {
             "KRONLINK_TORCH_THREADS": str(args.threads),
             "KRONLINK_BM25_CANDIDATES": str(args.candidates),
@@ -424,14 +525,27 @@ def main(argv: list[str] | None = None) -> int:
             extra["KRONLINK_BATCH_QUEUE_MAX_MS"] = str(args.queue_max_ms)
         if args.route_only:
             extra["KRONLINK_LINK_FAST_PATH"] = "false"
-        server = start_server(data, port, args.workers, extra)
-        try:
-            for c in levels:
-                rounds = []
-                for _ in range(args.rounds):
+        for mode in modes:  # all started before any is measured; idle while another is
+            port = free_port()
+            t0 = time.perf_counter()
+            server = start_server(
+                data, port, args.workers, {**extra, "KRONLINK_RETRIEVER_MODE": mode}
+            )
+            if bm25:  # the first request builds (or loads) the retriever: not timed
+                httpx.post(
+                    f"http://127.0.0.1:{port}/v1/link",
+                    json=query(0, args.candidates, True),
+                    timeout=600,
+                ).raise_for_status()
+            registration[f"server_ready_s_{mode}"] = round(time.perf_counter() - t0, 2)
+            servers[mode] = (server, port)
+        server, port = servers[modes[0]]  # /v1/link/batch: the first mode's only
+        for c in levels:
+            rounds: dict[str, list] = {m: [] for m in modes}
+            for _ in range(args.rounds):
+                for mode in modes:
                     svc = service_point(
-                        server,
-                        port,
+                        *servers[mode],
                         c,
                         args.duration,
                         args.warmup,
@@ -439,42 +553,46 @@ def main(argv: list[str] | None = None) -> int:
                         bm25=bm25,
                         client=args.client,
                     )
-                    ref = in_process(data, c, args.duration, args.candidates, bm25)
-                    rounds.append((svc, ref, os.getloadavg()[0]))
+                    ref = in_process(data, c, args.duration, args.candidates, bm25, mode)
+                    rounds[mode].append((svc, ref, os.getloadavg()[0]))
                     print(
-                        f"  {c:>3} clients: service {svc.qps:8.1f} q/s, in-process "
+                        f"  {c:>3} clients{'' if len(modes) == 1 else f' ({mode})'}: "
+                        f"service {svc.qps:8.1f} q/s p50 {svc.p50_ms:.1f} ms, in-process "
                         f"{ref.qps:8.1f} q/s ({svc.qps / ref.qps:.0%}), 429s {svc.rejected}, "
-                        f"load {rounds[-1][2]:.1f}",
+                        f"load {rounds[mode][-1][2]:.1f}",
                         file=sys.stderr,
                         flush=True,
                     )
-                by_ratio = sorted(rounds, key=lambda r: r[0].qps / r[1].qps)
+            for mode in modes:
+                by_ratio = sorted(rounds[mode], key=lambda r: r[0].qps / r[1].qps)
                 svc, ref, _ = by_ratio[len(by_ratio) // 2]
-                rows.append(("/v1/link", c, 1, svc, ref, rounds))
-            b = args.batch_items
-            for c in [] if args.no_batch_route else sorted({1, min(levels[-1], 2)}):
-                svc = service_point(
-                    server,
-                    port,
-                    c,
-                    args.duration,
-                    args.warmup,
-                    args.candidates,
-                    b,
-                    bm25,
-                    args.client,
-                )
-                ref = in_process(data, b, args.duration, args.candidates, bm25)
-                rows.append(("/v1/link/batch", c, b, svc, ref, []))
-                print(
-                    f"  batch {c} x {b}: service {svc.qps:8.1f} q/s, in-process {ref.qps:8.1f} q/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        finally:
+                route = "/v1/link" if len(modes) == 1 else f"/v1/link ({mode})"
+                rows.append((route, c, 1, svc, ref, rounds[mode]))
+        b = args.batch_items
+        for c in [] if args.no_batch_route else sorted({1, min(levels[-1], 2)}):
+            svc = service_point(
+                server,
+                port,
+                c,
+                args.duration,
+                args.warmup,
+                args.candidates,
+                b,
+                bm25,
+                args.client,
+            )
+            ref = in_process(data, b, args.duration, args.candidates, bm25, modes[0])
+            route = "/v1/link/batch" if len(modes) == 1 else f"/v1/link/batch ({modes[0]})"
+            rows.append((route, c, b, svc, ref, []))
+            print(
+                f"  batch {c} x {b}: service {svc.qps:8.1f} q/s, in-process {ref.qps:8.1f} q/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        for server, _ in servers.values():
             server.terminate()
             server.wait(timeout=30)
-    finally:
         shutil.rmtree(data, ignore_errors=True)
 
     record = {
@@ -489,11 +607,19 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "link_fast_path": not args.route_only,
+        "retrievers": modes,
+        "registration": registration,
         "machine": {
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
+            # thread settings of the BLAS and OpenMP pools the server inherits
+            "thread_env": {
+                k: os.environ[k]
+                for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                if k in os.environ
+            },
         },
         "started_unix": started,
         "rows": [

@@ -2,12 +2,14 @@
 (and the process CPU accounting bench/link.py measures with).
 
 python bench/link_table.py results/bench/link-cnn.json results/bench/link-transformer.json
+python bench/link_table.py results/bench/link-fused-vs-bm25.json   # + the retriever modes
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,7 @@ def render(records: list[dict[str, Any]]) -> str:
         for row in rec["rows"]:
             s, i = row["service"], row["in_process"]
             c, per = row["clients"], row["per_request"]
-            batch = c if row["route"] == "/v1/link" else per
+            batch = per if row["route"].startswith("/v1/link/batch") else c
             out.append(
                 f"| {row['route']} | {c} | {per} | {s['qps']:.1f} | {s['p50_ms']:.1f} "
                 f"| {s['p99_ms']:.1f} | {s.get('rejected', 0)} | {i['qps']:.1f} ({batch}) "
@@ -96,6 +98,63 @@ def render(records: list[dict[str, Any]]) -> str:
                 f"| {s.get('client_cpu_ms', 0):.2f} |"
             )
         out.append("")
+        if len(rec.get("retrievers") or []) > 1:
+            out.append(render_retrievers(rec))
+    return "\n".join(out)
+
+
+def render_retrievers(rec: dict[str, Any]) -> str:
+    """Each retriever mode's /v1/link p50 and p99 (median over the rounds), the
+    ratio of its p50 to the first mode's in the same round (median, range), and
+    the in-process parts of the path (medians over the rounds, ms per batch)."""
+    modes = rec["retrievers"]
+    base = modes[0]
+    reg = rec.get("registration") or {}
+    out = [
+        f"Retriever modes on one registered version and ontology ({rec['model']}; ratios to "
+        f"**{base}**, each round's ratio from the same round; medians over "
+        f"{rec.get('rounds', 1)} round(s)). Registering the ontology's dense index: "
+        + (
+            f"{reg['dense_build_s']:g} s for {reg['dense_entries']:,} entries "
+            f"(encoder load {reg['encoder_load_s']:g} s, {reg['torch_threads']} torch "
+            f"thread(s), load {reg['loadavg_1min']:.1f})\n"
+            if "dense_build_s" in reg
+            else "not built\n"
+        ),
+        "| retriever | clients | p50 ms | p99 ms | q/s | p50 / "
+        + base
+        + " (range) | in-process: batch ms | retrieve ms | of which: query encode ms "
+        "| dense scores ms | BM25 search ms | model call ms (service) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rec["rows"]:
+        route = row["route"]
+        if route.startswith("/v1/link (") and row.get("rounds"):
+            by[(route[len("/v1/link (") : -1], row["clients"])] = row
+    med = statistics.median
+    for c in sorted({c for _, c in by}):
+        if (base, c) not in by:
+            continue
+        base_p50 = [r["service"]["p50_ms"] for r in by[(base, c)]["rounds"]]
+        for mode in modes:
+            rr = by[(mode, c)]["rounds"]
+            svc = [r["service"] for r in rr]
+            ref = [r["in_process"] for r in rr]
+            ratios = [s["p50_ms"] / b for s, b in zip(svc, base_p50, strict=True)]
+            out.append(
+                f"| {mode} | {c} | {med(s['p50_ms'] for s in svc):.1f} "
+                f"| {med(s['p99_ms'] for s in svc):.1f} | {med(s['qps'] for s in svc):.1f} "
+                f"| {med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
+                f"| {med(i['p50_ms'] for i in ref):.1f} "
+                f"| {med(i.get('retrieve_ms', 0) for i in ref):.2f} "
+                f"| {med(i.get('query_encode_ms', 0) for i in ref):.2f} "
+                f"| {med(i.get('dense_scores_ms', 0) for i in ref):.2f} "
+                f"| {med(i.get('bm25_ms', 0) for i in ref):.2f} "
+                f"| {med(s['model_ms'] for s in svc):.1f} |"
+            )
+    loads = [r["loadavg_1min"] for row in by.values() for r in row["rounds"]]
+    out.append(f"\nLoad average (1 min) over the rounds: {min(loads):.1f} to {max(loads):.1f}.\n")
     return "\n".join(out)
 
 
