@@ -35,6 +35,10 @@ def test_retriever_tables_reprint_from_their_records() -> None:
             "results/bench/link-fused-vs-bm25-8clients-openblas1.json",
             "| fused | 8 | 49.8 | 68.6 | 157.6 | 3.00 ",
         ),
+        (
+            "results/bench/link-fused-vs-bm25-torchdot.json",
+            "| fused | 1 | 11.5 | 18.2 | 84.9 | 4.23 ",
+        ),
     ):
         rec = _record(path)
         assert rec["retrievers"] == ["bm25", "fused"]
