@@ -63,16 +63,13 @@ from _peers import PEERS, Pass
 from train_step import synthetic_queries
 
 from kronlink.curvature import CurvatureKind, CurvatureState, TaskState, estimate_curvature
-from kronlink.curvature.state import Rule
 from kronlink.models import build_ranker, ranking_loss
 from kronlink.models.base import RankerBatch
 from kronlink.penalties import (
     KFCPenalty,
-    _exact,
-    _kfc_embedding,
-    _kfc_linear,
     _kfc_split,
     _other_terms,
+    _Quad,
     build_penalty,
 )
 
@@ -96,21 +93,10 @@ class UnfusedKFC(KFCPenalty):
     both products (the same value and gradient, tests/curvature)."""
 
     def _terms(self, prior: TaskState, to: Callable[[torch.Tensor], torch.Tensor]) -> list:
-        cs = prior.curvature
-        terms = []
-        for name, f in cs.kfac.items():
-            info = cs.layers[name]
-            anchor = {n: to(prior.anchor[n]) for n in info.param_names}
-            if info.rule is Rule.EMBEDDING:
-                terms.append(_kfc_embedding(info.param_names[0], anchor, to(f.A), to(f.G)))
-            elif name in cs.exact:
-                terms.append(_exact(info.param_names, anchor, to(cs.exact[name])))
-            elif name in cs.split:
-                sp = cs.split[name]
-                pairs = [(to(sp.A_mean), to(sp.G_mean)), (to(sp.A_dev), to(sp.G_dev))]
-                terms.append(_kfc_split(info.param_names, anchor, pairs))
-            else:
-                terms.append(_kfc_linear(info.param_names, anchor, to(f.A), to(f.G)))
+        terms = [
+            _kfc_split(p.names, p.anchor, p.pairs) if isinstance(p, _Quad) else p
+            for _, p in self._layer_parts(prior, to)
+        ]
         return terms + _other_terms(prior, to)
 
 

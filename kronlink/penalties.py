@@ -246,23 +246,58 @@ class KFCPenalty(Penalty):
             raise ConfigError("KFC needs Kronecker factors: estimate with kinds including 'kfac'")
 
     def _terms(self, prior: TaskState, to: Callable[[Tensor], Tensor]) -> list[_Term]:
-        cs = prior.curvature
         terms: list[_Term] = []
         quads: list[_Quad] = []
+        for _, part in self._layer_parts(prior, to):
+            (quads if isinstance(part, _Quad) else terms).append(part)
+        return terms + _grouped_kfc(quads) + _other_terms(prior, to)
+
+    def _layer_parts(
+        self, prior: TaskState, to: Callable[[Tensor], Tensor]
+    ) -> list[tuple[str, _Term | _Quad]]:
+        """Each Kronecker layer's Ω: a term, or a ``_Quad`` that ``_terms``
+        batches with the layers of equal shapes."""
+        cs = prior.curvature
+        parts: list[tuple[str, _Term | _Quad]] = []
         for name, f in cs.kfac.items():
             info = cs.layers[name]
             anchor = {n: to(prior.anchor[n]) for n in info.param_names}
+            part: _Term | _Quad
             if info.rule is Rule.EMBEDDING:
-                terms.append(_kfc_embedding(info.param_names[0], anchor, to(f.A), to(f.G)))
+                part = _kfc_embedding(info.param_names[0], anchor, to(f.A), to(f.G))
             elif not self.expand and name in cs.exact:
-                terms.append(_exact(info.param_names, anchor, to(cs.exact[name])))
+                part = _exact(info.param_names, anchor, to(cs.exact[name]))
             elif not self.expand and name in cs.split:
                 sp = cs.split[name]
                 pairs = [(to(sp.A_mean), to(sp.G_mean)), (to(sp.A_dev), to(sp.G_dev))]
-                quads.append(_Quad(tuple(info.param_names), anchor, pairs))
+                part = _Quad(tuple(info.param_names), anchor, pairs)
             else:
-                quads.append(_Quad(tuple(info.param_names), anchor, [(to(f.A), to(f.G))]))
-        return terms + _grouped_kfc(quads) + _other_terms(prior, to)
+                part = _Quad(tuple(info.param_names), anchor, [(to(f.A), to(f.G))])
+            parts.append((name, part))
+        return parts
+
+    @torch.no_grad()
+    def by_layer(self, model: nn.Module, prior: int = 0) -> dict[str, float]:
+        """Ω of prior task ``prior`` (without λ) split by Kronecker layer,
+        plus ``"(diagonal-only parameters)"``: the parts add up to
+        ``per_task(model)[prior]`` (``_terms`` batches layers of equal
+        shapes into one term, which mixes them)."""
+        params = self._prepared(model)[0]
+        ref = next(iter(params.values()))
+
+        def to(t: Tensor) -> Tensor:
+            return t.to(device=ref.device, dtype=ref.dtype)
+
+        task = self.priors[prior]
+        out = {}
+        for name, part in self._layer_parts(task, to):
+            if isinstance(part, _Quad):
+                part = _kfc_split(part.names, part.anchor, part.pairs)
+            out[name] = float(part(params))
+        other = _other_terms(task, to)
+        if other:
+            out["(diagonal-only parameters)"] = float(other[0](params))
+        return out
 
 
 class KFCExpandPenalty(KFCPenalty):

@@ -2,7 +2,8 @@
 each curvature the prior has (KFC, EKFAC, EWC), for the report's "which
 layers dominate the penalty" table.
 
-KFC and EKFAC are split with the penalty's own per-layer terms (one term per
+KFC is split by ``KFCPenalty.by_layer`` (its batched terms mix layers of
+equal shapes) and EKFAC with the penalty's own per-layer terms (one term per
 Kronecker layer, in the state's layer order, then one for the diagonal-only
 parameters), so the parts add up to ``penalty.per_task`` exactly; EWC's
 ``Σ_j F_jj Δ_j²`` is summed per module.
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from kronlink.curvature import CurvatureKind, TaskState
-from kronlink.penalties import build_penalty
+from kronlink.penalties import KFCPenalty, build_penalty
 
 __all__ = ["layer_group", "omega_by_layer"]
 
@@ -46,6 +47,9 @@ def omega_by_layer(model: nn.Module, prior: TaskState) -> dict[str, dict[str, fl
         if kind not in cs.kinds:
             continue
         penalty = build_penalty(method, [prior], 1.0)
+        if isinstance(penalty, KFCPenalty):
+            out[method] = penalty.by_layer(model)
+            continue
         params, terms = penalty._prepared(model)
         names = layers + (["(diagonal-only parameters)"] if len(terms[0]) > len(layers) else [])
         out[method] = {n: float(t(params)) for n, t in zip(names, terms[0], strict=True)}
