@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
-from kronlink.penalties import PenaltyMethod
+from kronlink.penalties import DEFAULT_METHOD, PenaltyMethod
 
 __all__ = ["SWEEP_TASK", "UPDATE_TASK", "UpdateJobSpec", "UpdateMessage", "check_name"]
 
@@ -72,7 +72,7 @@ class UpdateJobSpec(BaseModel):
 
     task_name: str = Field(min_length=1, max_length=100)
     staged_id: str  # folder name under the staging dir (uuid4 hex)
-    method: PenaltyMethod = PenaltyMethod.KFC
+    method: PenaltyMethod = DEFAULT_METHOD
     # strict: True and "3" are not numbers here; checked finite and >= 0 below
     lambdas: Literal["auto"] | _Number | list[_Number] = "auto"
     half_decades: bool = False

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from kronlink.penalties import PenaltyMethod
+from kronlink.penalties import DEFAULT_METHOD, PenaltyMethod
 
 
 def _lambdas(text: str):
@@ -148,7 +148,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", help="task folder (task.json, ontology.jsonl, queries.jsonl)")
     p.add_argument("--task", required=True, help="task name to record in the registry")
     p.add_argument("--lineage", default="main", help="model lineage (default: %(default)s)")
-    p.add_argument("--method", default="kfc", choices=[m.value for m in PenaltyMethod])
+    p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD.value,
+        choices=[m.value for m in PenaltyMethod],
+        help="penalty against the prior tasks (default: %(default)s)",
+    )
     p.add_argument(
         "--lambda",
         dest="lam",

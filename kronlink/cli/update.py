@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kronlink.cli._common import progress_bar, subset
 from kronlink.errors import ConfigError
-from kronlink.penalties import PenaltyMethod
+from kronlink.penalties import DEFAULT_METHOD, PenaltyMethod
 from kronlink.submission import parse_lambdas
 
 
@@ -164,7 +164,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     u.add_argument(
         "--method",
-        default="kfc",
+        default=DEFAULT_METHOD.value,
         help=f"{', '.join(PenaltyMethod)} (replay is refused: it needs old data) "
         "(default: %(default)s)",
     )

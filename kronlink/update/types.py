@@ -16,7 +16,7 @@ from kronlink.curvature.state import CurvatureKind, FisherType, TaskState
 from kronlink.errors import ConfigError
 from kronlink.evaluation import Metrics
 from kronlink.models.base import Ranker
-from kronlink.penalties import PenaltyMethod
+from kronlink.penalties import DEFAULT_METHOD, PenaltyMethod
 from kronlink.training import TrainConfig, TrainResult
 
 __all__ = [
@@ -39,7 +39,13 @@ HALF_DECADE_GRID: tuple[float, ...] = tuple(
 PHASES = ("validate", "select_lambda", "train", "curvature", "evaluate")
 
 # The curvature a method's penalty reads, so the new state serves the next update.
-_NEEDS = {"ewc": CurvatureKind.DIAG, "kfc": CurvatureKind.KFAC, "ekfac": CurvatureKind.EKFAC}
+_NEEDS = {
+    "ewc": CurvatureKind.DIAG,
+    "kfc": CurvatureKind.KFAC,
+    "kfc-expand": CurvatureKind.KFAC,
+    "ekfac": CurvatureKind.EKFAC,
+    "ekfac-expand": CurvatureKind.EKFAC,
+}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -47,9 +53,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class UpdateRequest:
     """How to fold one new task into a model (DESIGN.md sections 4 and 5)."""
 
-    # Penalty against every prior task: none, l2, ewc, kfc, ekfac. Replay is
-    # refused: it needs old data, which the service never keeps.
-    method: str = "kfc"
+    # Penalty against every prior task (PenaltyMethod; default DEFAULT_METHOD).
+    # Replay is refused: it needs old data, which the service never keeps.
+    method: str = DEFAULT_METHOD.value
     # One λ for all priors, one per prior (in the order of ``priors``), or
     # "auto": picked on the new task's dev split from ``grid``.
     lambdas: float | tuple[float, ...] | Literal["auto"] = "auto"

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from kronlink.contract import check_name
 from kronlink.errors import ConfigError, DataFormatError
-from kronlink.penalties import PenaltyMethod
+from kronlink.penalties import DEFAULT_METHOD, PenaltyMethod
 from kronlink.registry import ConflictError, JobState, get_job, list_jobs, request_cancel
 from kronlink.registry.models import ModelVersion
 from kronlink.submission import EnqueueError, parse_lambdas, submit_dataset
@@ -43,7 +43,7 @@ class JobForm(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     task: str = Field(min_length=1, max_length=100, description="task name to record")
-    method: PenaltyMethod = PenaltyMethod.KFC
+    method: PenaltyMethod = DEFAULT_METHOD
     lambda_: str = Field(
         default="auto", alias="lambda", description="'auto', a number, or one per prior: 10,1000"
     )
