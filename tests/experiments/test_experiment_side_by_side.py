@@ -99,9 +99,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return root, numbers
 
 
-def _experiment_process(path: str, go: mp.Event, out: str) -> None:
-    """A whole ``run_experiment`` in its own process, started on ``go``; its
-    progress lines go to ``out``.log as they come, its result to ``out``."""
+def _experiment_process(path: str, go, out: str) -> None:
+    """A whole ``run_experiment`` in its own process, started when both
+    processes have reached ``go`` (a barrier); its progress lines go to
+    ``out``.log as they come, its result to ``out``."""
     torch.set_num_threads(1)
     events: list[str] = []
     with open(out + ".log", "a", encoding="utf-8") as log:
@@ -111,20 +112,23 @@ def _experiment_process(path: str, go: mp.Event, out: str) -> None:
             log.write(message + "\n")
             log.flush()
 
-        go.wait(60)
+        go.wait(120)
         res = run_experiment(load_config(path), on_event=emit)
     Path(out).write_text(json.dumps({"ran": res.ran, "complete": res.complete, "events": events}))
 
 
 def _two_processes(path: Path, outs: list[Path]) -> tuple[list[mp.Process], object]:
-    """The processes, and their start event: the caller keeps it alive until
-    they have read it (a collected event's semaphore is gone)."""
+    """The processes, and their start barrier: the caller keeps it alive
+    until they have passed it (a collected barrier's semaphores are gone).
+    A barrier, not an event set by the parent: a spawned child spends
+    seconds importing torch, and with an event set at once the first child
+    to get there could run every tiny run before the other started (seen
+    once in CI)."""
     ctx = mp.get_context("spawn")
-    go = ctx.Event()
+    go = ctx.Barrier(len(outs))
     procs = [ctx.Process(target=_experiment_process, args=(str(path), go, str(o))) for o in outs]
     for p in procs:
         p.start()
-    go.set()  # both walk the same protocol from the same moment
     return procs, go
 
 
