@@ -90,9 +90,9 @@ class ConvInput:
 class Workspace:
     """Flat buffers reused from one call to the next within a pass. The
     lagged sums' two large temporaries, allocated afresh for every batch,
-    came back from the allocator as new pages: on the CNN the page faults
-    cost as much as the products (glibc returns freed heap tops to the
-    system)."""
+    came back from the allocator as new pages (glibc returns freed heap
+    tops to the system), and on the CNN the page faults were a visible
+    share of the pass (docs/benchmarks.md, issue 14 item 4)."""
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}
@@ -122,10 +122,11 @@ def conv1d_lag_sums(
     A patch at output position t stacks the (padded) input at t, ..., t+k-1,
     so block (a, b) of ``Σ_t x̄_t x̄_tᵀ`` is ``Σ_t z_{t+a} z_{t+b}ᵀ``: the lag
     b - a product of the input itself, with weights ``keep[s - a]`` that
-    differ from ``keep[s]`` only where a run of real positions starts or
-    ends. So k products of (C_in x P) by (P x C_in) plus small edge
-    corrections give all k² blocks: (C_in·k)²·P multiply-adds become about
-    C_in²·k·P. Each query's inputs are first centred on their mean at the
+    differ from ``keep[s - a + 1]`` only where a run of real positions
+    starts or ends. So one product of the real patches' first tap (C_in x P)
+    by the patches (P x k·C_in) gives block row 0, and each later row is the
+    one before plus a product over the run edges: (C_in·k)²·P multiply-adds
+    become about C_in²·k·P. Each query's inputs are first centred on their mean at the
     kernel's centre tap, so the deviations' sum ``a_dev`` is a difference of
     a large and a small term, as exact in float32 as ``split_sums``' direct
     one."""
