@@ -60,6 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _peers import PEERS, Pass
+from _proc import reset_peak, status_kib
 from train_step import synthetic_queries
 
 from kronlink.curvature import CurvatureKind, CurvatureState, TaskState, estimate_curvature
@@ -130,24 +131,10 @@ def param_bytes(model: torch.nn.Module) -> int:
 # ---- memory ---------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _reset_cpu_peak() -> bool:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed setup memory back first
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        return False
-    return True
+    return reset_peak()
 
 
 def _map_large_blocks() -> bool:
@@ -188,9 +175,9 @@ def measure_pass(run: Callable[[], Any], device: torch.device, warmup: int, repe
     else:
         mapped = _map_large_blocks()
         ok = _reset_cpu_peak()
-        base = _status_kib("VmRSS")
+        base = status_kib("VmRSS")
         out = run()
-        hwm = _status_kib("VmHWM")
+        hwm = status_kib("VmHWM")
         if ok and base is not None and hwm is not None:
             peak_mib = (hwm - base) / 1024
             mem_note = "CPU peak RSS growth" + (", blocks >= 64 KiB mapped" if mapped else "")

@@ -34,26 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import reset_peak, status_kib
 from _record import loadavg, write_record
 
 BENCH = Path(__file__).resolve()
-
-
-def status_kib(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak is the build's."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(kind: str, path: Path) -> dict:
@@ -72,7 +56,7 @@ def child(kind: str, path: Path) -> dict:
         encoder.encode(["warm up"])  # first-call costs
         out["encoder_load_s"] = round(time.perf_counter() - t0, 2)
         out["entries"] = len(_entries(concepts)[0])
-        before, out["peak_reset"] = status_kib("VmRSS"), reset_peak()
+        before, out["peak_reset"] = status_kib("VmRSS") or 0, reset_peak()
         t0 = time.perf_counter()
         index = DenseIndex.build(concepts, encoder)
         out["build_s"] = round(time.perf_counter() - t0, 3)
@@ -86,7 +70,7 @@ def child(kind: str, path: Path) -> dict:
         from kronlink.retrieval import Retriever
 
         out["entries"] = sum(1 + len(c.synonyms) for c in concepts)
-        before, out["peak_reset"] = status_kib("VmRSS"), reset_peak()
+        before, out["peak_reset"] = status_kib("VmRSS") or 0, reset_peak()
         t0 = time.perf_counter()
         Retriever(concepts, mode="bm25")
         out["build_s"] = round(time.perf_counter() - t0, 3)
@@ -95,7 +79,7 @@ def child(kind: str, path: Path) -> dict:
     # VmHWM after a reset is the build's own peak; without one, the process's
     # lifetime peak (an overestimate when loading peaked higher)
     peak = (
-        status_kib("VmHWM")
+        (status_kib("VmHWM") or 0)
         if out["peak_reset"]
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     )
