@@ -13,7 +13,8 @@ keeps the paper's meaning (arXiv 2111.06012; DESIGN.md section 4):
   ``vec(Δ̄)ᵀ (A ⊗ G) vec(Δ̄)``: matrix products, never the Kronecker
   product. The split rule's mean factors have rank at most the number of
   queries they were estimated on; where that is under half their size they
-  are used as ``B diag(λ) Bᵀ`` (``_low_rank``, once per penalty). An Embedding (weight (V, d) = W_linᵀ, diagonal A = a) gives
+  are used as ``B diag(λ) Bᵀ`` (``_low_rank``, once per penalty). An
+  Embedding (weight (V, d) = W_linᵀ, diagonal A = a) gives
   ``sum(Δw ⊙ (Δw G) ⊙ a[:, None])``. ``kfc-expand`` is the paper's rule:
   expand factors everywhere.
 - EKFAC (George et al. 2018): ``Ω = Σ_layers sum(s ⊙ (U_Gᵀ Δ̄ U_A)²)``;
