@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import loadavg, write_record  # noqa: E402
+from _record import loadavg, write_record
 
 KS = (1, 10, 25, 100)
 

@@ -72,7 +72,7 @@ def test_scores_are_the_scaled_best_cosine_over_a_concepts_entries(seed: int) ->
     scores = tower(batch)
     q = tower.embed(batch.features["input_ids"], batch.features["attention_mask"]).detach()
     vec = torch.from_numpy(bank.vectors).double()
-    ends = list(bank.starts[1:]) + [len(vec)]
+    ends = [*bank.starts[1:].tolist(), len(vec)]
     brute = torch.stack(
         [
             torch.stack([(q[b] @ vec[s:e].T).max() for s, e in zip(bank.starts, ends, strict=True)])
@@ -119,7 +119,6 @@ def test_tuning_learns_lay_mentions_and_the_penalty_holds_the_anchor(encoder: En
     train = [Query(mention=m, gold=f"C{i}") for i, m in enumerate(lay)]
     tower = QueryTower.build().set_bank(bank)
     before = recall_at(tower, train, (1,))["1"]
-    anchor = {n: p.detach().clone() for n, p in tower.named_parameters()}
     cfg = TuneConfig(epochs=5, batch_size=8, lr=3e-4, warmup=0.0, eval_k=1)
     res = tune(tower, train, train, cfg)
     after = recall_at(tower, train, (1,))["1"]
