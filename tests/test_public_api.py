@@ -176,6 +176,8 @@ PUBLIC = {
         "Retriever",
         "encoder_version",
         "retriever_for",
+        "task_retriever",
+        "top1",
     ],
     "kronlink.update": [
         "HALF_DECADE_GRID",

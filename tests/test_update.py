@@ -297,6 +297,8 @@ def test_cli_update_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert [r["lam"] for r in summary["selection"]] == [None, 0.001, 1e9]
     assert set(summary["timings"]) >= {"validate", "select_lambda", "train", "curvature"}
     assert summary["test"]["accuracy"] > 0.5 and len(summary["predicted_forgetting"]) == 1
+    # the CLI fits the retrieval prior with the serving retriever, as the worker does
+    assert summary["retrieval_prior"]["info"]["dev_top1_retriever"] is not None
     loaded = load_ranker(out)
     TaskState.load(state_out, model=loaded)
     # replay is refused with a clear message and exit code 2

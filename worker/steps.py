@@ -224,11 +224,9 @@ class UpdateSteps:
         """The retriever over the ontology as it will be stored (no query
         string in it), as serving will build it; built once per job."""
         if self.retriever is None:
-            from kronlink.data.splits import without_query_strings
-            from kronlink.retrieval import retriever_for
+            from kronlink.retrieval import task_retriever
 
-            concepts = without_query_strings(self.task.concepts, self.task.queries)
-            self.retriever = retriever_for(concepts, self.run.ctx.settings)
+            self.retriever = task_retriever(self.task, self.run.ctx.settings)
         return self.retriever
 
     def retriever_dev_top1(self) -> float | None:
@@ -238,9 +236,9 @@ class UpdateSteps:
         dev = self.task.split("dev")
         if not settings.retriever_gate or not dev:
             return None
-        self.task_retriever()
-        hits = self.retriever.search([q.mention for q in dev], 1)
-        return sum(h[0][0] == q.gold for h, q in zip(hits, dev, strict=True)) / len(dev)
+        from kronlink.retrieval import top1
+
+        return top1(self.task_retriever(), dev)
 
     # -- write -------------------------------------------------------------------
     def put(self, key: str, path: Path) -> ArtifactInfo:

@@ -90,9 +90,21 @@ def run(args: argparse.Namespace) -> int:
     from kronlink.curvature import TaskState
     from kronlink.data.io import load_task
     from kronlink.models import load_ranker
+    from kronlink.retrieval import task_retriever, top1
+    from kronlink.settings import Settings
     from kronlink.training import TrainConfig
     from kronlink.update import UpdateRequest, run_update
 
+    # The same settings as the service and worker (KRONLINK_* variables): the
+    # retrieval prior and the gate's retriever floor are fitted with the
+    # retriever that serving will use, as the worker's job does.
+    settings = Settings()
+    task = _limited(load_task(args.task), args.limit, args.dev_limit, args.seed)
+    retriever = (
+        task_retriever(task, settings)
+        if settings.retrieval_prior or settings.retriever_gate
+        else None
+    )
     model = load_ranker(args.model)
     lr = args.lr if args.lr is not None else (1e-3 if model.kind == "cnn" else 1e-4)
     request = UpdateRequest(
@@ -111,13 +123,23 @@ def run(args: argparse.Namespace) -> int:
         fisher=args.fisher,
         state_dtype="bf16" if args.bf16 else "fp32",
         quality_gate=args.quality_gate,
+        retriever_dev_top1=top1(retriever, task.split("dev"))
+        if retriever is not None and settings.retriever_gate
+        else None,
+        exact_margin=settings.exact_margin,
         **parse_grid(args.grid),
     )
     priors = [TaskState.load(p, model=model) for p in args.prior]
-    task = _limited(load_task(args.task), args.limit, args.dev_limit, args.seed)
     bars = _Bars()
     try:
-        result = run_update(model, priors, task, request, on_progress=bars)
+        result = run_update(
+            model,
+            priors,
+            task,
+            request,
+            on_progress=bars,
+            retriever=retriever if settings.retrieval_prior else None,
+        )
     finally:
         bars.close()
     if result.new_state is None:  # no should_stop is passed, so this cannot happen

@@ -11,11 +11,20 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from kronlink.data.schema import Concept
+from kronlink.data.schema import Concept, Query, Task
 from kronlink.retrieval.dense import META_FILE, DenseIndex, Encoder, encoder_version
 from kronlink.retrieval.retriever import Mode, Retriever
 
-__all__ = ["DenseIndex", "Encoder", "Mode", "Retriever", "encoder_version", "retriever_for"]
+__all__ = [
+    "DenseIndex",
+    "Encoder",
+    "Mode",
+    "Retriever",
+    "encoder_version",
+    "retriever_for",
+    "task_retriever",
+    "top1",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +76,22 @@ def retriever_for(
         rrf_k=getattr(settings, "fusion_rrf_k", 10.0),
         depth=getattr(settings, "fusion_depth", 100),
     )
+
+
+def task_retriever(task: Task, settings: object) -> Retriever:
+    """The retriever over ``task``'s ontology as it will be stored (without
+    any string the task uses as a query), as serving will build it. The
+    worker's job and ``kronlink update`` both fit the retrieval prior and the
+    gate's floor with it, so they agree with what is served."""
+    from kronlink.data.splits import without_query_strings
+
+    concepts = without_query_strings(task.concepts, task.queries)
+    return retriever_for(concepts, settings)
+
+
+def top1(retriever: Retriever, queries: Sequence[Query]) -> float | None:
+    """Share of ``queries`` whose gold is the retriever's first answer (None: no queries)."""
+    if not queries:
+        return None
+    hits = retriever.search([q.mention for q in queries], 1)
+    return sum(h[0][0] == q.gold for h, q in zip(hits, queries, strict=True)) / len(queries)

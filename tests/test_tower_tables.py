@@ -1,0 +1,59 @@
+"""docs/retrieval.md's query-tower tables are what their stored records
+re-print (bench/retriever_tune.py --table), and the records say what the
+docs read from them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import retriever_tune  # noqa: E402
+
+DOCS = (REPO / "docs" / "retrieval.md").read_text()
+RECORDS = sorted((REPO / "results" / "retrieval").glob("tower*.json"))
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: p.name)
+def test_tower_tables_reprint_from_their_records(path: Path) -> None:
+    record = json.loads(path.read_text())
+    table = retriever_tune.table(record)
+    assert table in DOCS, f"docs/retrieval.md lacks the table of {path.name}"
+    # every step measured both tasks on their whole test splits
+    for step in record["steps"].values():
+        assert set(step["eval"]) == {record["args"]["first"], record["args"]["second"]}
+
+
+def test_the_penalty_keeps_the_first_tasks_recall_in_the_record() -> None:
+    """What docs/retrieval.md reads from tower.json: under kfc-expand the first
+    task's fused recall@10 falls by at most 1 point, without a penalty by more."""
+    rec = json.loads((REPO / "results" / "retrieval" / "tower.json").read_text())
+    first = rec["args"]["first"]
+    r10 = {k: s["eval"][first]["fused"]["10"] for k, s in rec["steps"].items()}
+    v1 = r10[f"v1: {first}"]
+    assert v1 - r10["v2: hpo, none"] > 0.01
+    assert v1 - r10["v2: hpo, kfc-expand λ=100"] <= 0.01
+
+
+def test_on_the_whole_splits_a_stronger_penalty_keeps_the_first_task() -> None:
+    """docs/retrieval.md's whole-split reading: λ = 100 halves the forgetting
+    but misses the 1-point bar; λ = 1000 meets it, and HPO still learns."""
+    full = json.loads((REPO / "results" / "retrieval" / "tower_full.json").read_text())
+    strong = json.loads((REPO / "results" / "retrieval" / "tower_full_strong.json").read_text())
+    assert full["steps"]["v1: icd10cm"]["eval"] == strong["steps"]["v1: icd10cm"]["eval"]
+
+    def r10(rec: dict, step: str, task: str) -> float:
+        return rec["steps"][step]["eval"][task]["fused"]["10"]
+
+    v1 = r10(full, "v1: icd10cm", "icd10cm")
+    none = v1 - r10(full, "v2: hpo, none", "icd10cm")
+    kfc = v1 - r10(full, "v2: hpo, kfc-expand λ=100", "icd10cm")
+    assert none > 0.04 and 0.01 < kfc < none / 2 + 0.001
+    assert v1 - r10(strong, "v2: hpo, kfc-expand λ=1000", "icd10cm") <= 0.01
+    zero = r10(full, "zero-shot", "hpo")
+    assert r10(strong, "v2: hpo, kfc-expand λ=1000", "hpo") > zero + 0.05
