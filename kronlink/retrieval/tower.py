@@ -210,12 +210,16 @@ class QueryTower(Ranker):
     def forward(self, batch: RankerBatch) -> Tensor:
         f = batch.features
         q = self.embed(f["input_ids"], f["attention_mask"])
+        return self.scale * self.concept_cosines(q)
+
+    def concept_cosines(self, q: Tensor) -> Tensor:
+        """(B, concepts): each concept's best cosine over its entries."""
         sims = q @ self.bank.T
-        if len(self.bank) != len(self.ids):  # several entries a concept: its best one
-            out = sims.new_full((len(q), len(self.ids)), -2.0)
-            index = self.entry_concept.unsqueeze(0).expand_as(sims)
-            sims = out.scatter_reduce(1, index, sims, "amax", include_self=False)
-        return self.scale * sims
+        if len(self.bank) == len(self.ids):  # one entry a concept
+            return sims
+        out = sims.new_full((len(q), len(self.ids)), -2.0)  # below any cosine
+        index = self.entry_concept.unsqueeze(0).expand_as(sims)
+        return out.scatter_reduce(1, index, sims, "amax", include_self=False)
 
     def token_layouts(self, batch: RankerBatch) -> dict[str, TokenLayout]:
         """Every encoder module sees (B, T) positions, one row per query."""
@@ -302,16 +306,12 @@ def recall_at(
     if not queries:
         return {str(k): float("nan") for k in ks}
     vectors = tower.query_encoder().encode([q.mention for q in queries])
-    q = torch.from_numpy(vectors).to(tower.bank.device)
+    q = torch.from_numpy(vectors).to(tower.bank)
     top = max(ks)
     hits = {k: 0 for k in ks}
     with torch.inference_mode():
         for s in range(0, len(q), 256):
-            sims = q[s : s + 256] @ tower.bank.T
-            if len(tower.bank) != len(tower.ids):
-                out = sims.new_full((len(sims), len(tower.ids)), -2.0)
-                idx = tower.entry_concept.unsqueeze(0).expand_as(sims)
-                sims = out.scatter_reduce(1, idx, sims, "amax", include_self=False)
+            sims = tower.concept_cosines(q[s : s + 256])
             ranked = sims.topk(min(top, sims.shape[1]), dim=1).indices.cpu().tolist()
             for row, query in zip(ranked, queries[s : s + 256], strict=True):
                 gold = tower._position.get(query.gold or "", -1)
