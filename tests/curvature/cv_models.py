@@ -6,14 +6,50 @@
   masked mean -> Linear head, N = B*C rows of T tokens.
 - ``ConvRanker``: Conv1d over (N, C_in, T) per candidate, masked mean, head.
 - ``TokenRanker``: Linear layers on (B, C, T, p), the shape curvlinops sees.
+
+Also ``word_queries`` (queries of random words with 2 to 5 candidates) and
+``assert_same_value_and_grads`` (a penalty against its reference).
 """
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch import Tensor, nn
 
+from kronlink.data.schema import Candidate, Query
 from kronlink.models.base import Ranker, RankerBatch, TokenLayout
+
+WORDS = "acute chronic fever left right femur renal failure type diabetes".split()
+
+
+def word_queries(n: int, seed: int) -> list[Query]:
+    """n queries of two random words, each with 2 to 5 candidates, gold first."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        cands = tuple(
+            Candidate(f"C{i}{j}", " ".join(rng.sample(WORDS, 3))) for j in range(rng.randint(2, 5))
+        )
+        out.append(Query(" ".join(rng.sample(WORDS, 2)), cands[0].id, candidates=cands))
+    return out
+
+
+def assert_same_value_and_grads(model: nn.Module, got: Tensor, want: Tensor, tol: float) -> None:
+    """``got`` and ``want`` (scalars of ``model``'s parameters) agree to
+    ``tol``, and so does every parameter's gradient of them."""
+    params = list(model.parameters())
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    assert abs(float(got.detach()) - float(want.detach())) <= tol * abs(float(want.detach()))
+    # a parameter with (numerically) zero gradient: rounding noise only
+    floor = 1e-12 * float(torch.cat([b.reshape(-1) for b in want_grads if b is not None]).norm())
+    for (n, _), a, b in zip(model.named_parameters(), got_grads, want_grads, strict=True):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0.0, n
+            continue
+        assert float((a.double() - b).norm()) <= tol * float(b.norm()) + floor, n
 
 
 def rows_example(b: int, c: int, device=None) -> Tensor:

@@ -9,14 +9,12 @@ fresh random moves away from the anchor of both real rankers (tiny sizes).
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from cv_models import assert_same_value_and_grads, word_queries
 
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.curvature.state import Rule
-from kronlink.data.schema import Candidate, Query
 from kronlink.models import build_ranker
 from kronlink.penalties import KFCExpandPenalty, KFCPenalty, _kfc_embedding, _other_terms
 
@@ -24,18 +22,6 @@ TINY = {
     "transformer": {"encoder": None, "num_layers": 3, "max_length": 40},
     "cnn": {"tokenizer": None, "embedding_dim": 16, "channels": 16, "hidden_size": 16},
 }
-WORDS = "acute chronic fever left right femur renal failure type diabetes".split()
-
-
-def _queries(n: int, seed: int) -> list[Query]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        cands = tuple(
-            Candidate(f"C{i}{j}", " ".join(rng.sample(WORDS, 3))) for j in range(rng.randint(2, 5))
-        )
-        out.append(Query(" ".join(rng.sample(WORDS, 2)), cands[0].id, candidates=cands))
-    return out
 
 
 def _reference(model, prior: TaskState, expand: bool) -> torch.Tensor:
@@ -77,7 +63,7 @@ def _reference(model, prior: TaskState, expand: bool) -> torch.Tensor:
 def test_fused_value_and_gradient_equal_unfused(kind: str, cls, dtype) -> None:
     torch.manual_seed(0)
     model = build_ranker(kind, **TINY[kind]).to(dtype)
-    batches = [model.encode(_queries(6, s)) for s in (1, 2)]
+    batches = [model.encode(word_queries(6, s)) for s in (1, 2)]
     state = estimate_curvature(model, batches)
     if kind == "transformer":  # equal-shape layers must share a batched product
         shapes = [tuple(model.get_submodule(n).weight.shape) for n in state.kfac]
@@ -91,25 +77,14 @@ def test_fused_value_and_gradient_equal_unfused(kind: str, cls, dtype) -> None:
             for p in model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype))
         got = pen(model)
-        got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
         want = _reference(model, prior, expand=cls is KFCExpandPenalty)
-        want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
-        assert abs(float(got.detach()) - float(want.detach())) <= tol * abs(float(want.detach()))
-        # a parameter with (numerically) zero gradient: rounding noise only
-        floor = 1e-12 * float(
-            torch.cat([b.reshape(-1) for b in want_grads if b is not None]).norm()
-        )
-        for (n, _), a, b in zip(model.named_parameters(), got_grads, want_grads, strict=True):
-            if b is None:
-                assert a is None or float(a.abs().max()) == 0.0, n
-                continue
-            assert float((a.double() - b).norm()) <= tol * float(b.norm()) + floor, n
+        assert_same_value_and_grads(model, got, want, tol)
 
 
 def test_asymmetric_factors_fall_back_to_autograd() -> None:
     torch.manual_seed(0)
     model = build_ranker("cnn", **TINY["cnn"]).double()
-    state = estimate_curvature(model, [model.encode(_queries(6, 1))])
+    state = estimate_curvature(model, [model.encode(word_queries(6, 1))])
     name = next(n for n in state.split)
     sp = state.split[name]
     skew = torch.randn(sp.G_dev.shape, dtype=torch.float64)

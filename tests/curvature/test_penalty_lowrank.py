@@ -10,14 +10,13 @@ fresh random factors and fresh random points.
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
+from cv_models import assert_same_value_and_grads, word_queries
 
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.curvature.state import Rule, SplitFactors
-from kronlink.data.schema import Candidate, Query
 from kronlink.models import build_ranker
 from kronlink.penalties import (
     KFCPenalty,
@@ -30,19 +29,7 @@ from kronlink.penalties import (
 )
 
 TINY = {"encoder": None, "num_layers": 2, "max_length": 40}
-WORDS = "acute chronic fever left right femur renal failure type diabetes".split()
 RANK = 4  # the n_examples the state claims: every mean factor's rank bound
-
-
-def _queries(n: int, seed: int) -> list[Query]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        cands = tuple(
-            Candidate(f"C{i}{j}", " ".join(rng.sample(WORDS, 3))) for j in range(rng.randint(2, 5))
-        )
-        out.append(Query(" ".join(rng.sample(WORDS, 2)), cands[0].id, candidates=cands))
-    return out
 
 
 def _psd(n: int, rank: int, g: torch.Generator) -> torch.Tensor:
@@ -67,7 +54,7 @@ def test_low_rank_factor_reconstructs_and_refuses(dtype) -> None:
 
 
 def _state_with_random_split(model, g: torch.Generator) -> TaskState:
-    batches = [model.encode(_queries(6, s)) for s in (1, 2)]
+    batches = [model.encode(word_queries(6, s)) for s in (1, 2)]
     state = estimate_curvature(model, batches)
     split = {}
     for i, (name, sp) in enumerate(state.split.items()):
@@ -123,18 +110,8 @@ def test_low_rank_split_penalty_equals_dense_kronecker(dtype) -> None:
             for p in model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=gp, dtype=torch.float64).to(dtype))
         got = pen(model)
-        got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
         want = _dense(model, prior)
-        want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
-        assert abs(float(got.detach()) - float(want.detach())) <= tol * abs(float(want.detach()))
-        floor = 1e-12 * float(
-            torch.cat([b.reshape(-1) for b in want_grads if b is not None]).norm()
-        )
-        for (n, _), a, b in zip(model.named_parameters(), got_grads, want_grads, strict=True):
-            if b is None:
-                assert a is None or float(a.abs().max()) == 0.0, n
-                continue
-            assert float((a.double() - b).norm()) <= tol * float(b.norm()) + floor, n
+        assert_same_value_and_grads(model, got, want, tol)
 
 
 def test_low_rank_plan_covers_all_slot_kinds() -> None:
