@@ -31,10 +31,25 @@ def _recall(ranked: list[list[str]], golds: list[str]) -> dict[str, float]:
     }
 
 
+def cached_index(folder: Path, concepts: list) -> tuple:
+    """The dense index of ``concepts`` from ``folder``, or built and saved
+    there; with its build time in seconds (None when it was read)."""
+    from kronlink.retrieval import DenseIndex, shared_encoder
+
+    encoder = shared_encoder()
+    if (folder / "dense.json").is_file():
+        return DenseIndex.load(folder, expect_encoder=encoder.version), None
+    t0 = time.perf_counter()
+    dense = DenseIndex.build(concepts, encoder)
+    index_s = round(time.perf_counter() - t0, 1)
+    dense.save(folder)
+    return dense, index_s
+
+
 def measure(name: str, cache: Path, settings: dict) -> dict:
     from kronlink.data.builders import build_task
     from kronlink.data.candidates import CandidateIndex
-    from kronlink.retrieval import DenseIndex, Retriever, shared_encoder
+    from kronlink.retrieval import Retriever, shared_encoder
     from kronlink.retrieval.dense import concepts_digest
 
     t0 = time.perf_counter()
@@ -45,14 +60,7 @@ def measure(name: str, cache: Path, settings: dict) -> dict:
     mentions, golds = [q.mention for q in test], [q.gold for q in test]
     encoder = shared_encoder()
     folder = cache / f"{name}-{concepts_digest(concepts)[:16]}"
-    t0 = time.perf_counter()
-    if (folder / "dense.json").is_file():
-        dense = DenseIndex.load(folder, expect_encoder=encoder.version)
-        index_s = None
-    else:
-        dense = DenseIndex.build(concepts, encoder)
-        index_s = round(time.perf_counter() - t0, 1)
-        dense.save(folder)
+    dense, index_s = cached_index(folder, concepts)
     qfile = folder / "test_queries.npy"
     if qfile.is_file():
         qv = np.load(qfile)

@@ -31,16 +31,12 @@ KS = (1, 10, 25, 100)
 
 
 def _index(name: str, concepts, cache: Path):
-    from kronlink.retrieval import DenseIndex, shared_encoder
+    """The same cache as bench/retrieval_table.py."""
+    from retrieval_table import cached_index
+
     from kronlink.retrieval.dense import concepts_digest
 
-    folder = cache / f"{name}-{concepts_digest(concepts)[:16]}"
-    encoder = shared_encoder()
-    if (folder / "dense.json").is_file():
-        return DenseIndex.load(folder, expect_encoder=encoder.version)
-    dense = DenseIndex.build(concepts, encoder)
-    dense.save(folder)
-    return dense
+    return cached_index(cache / f"{name}-{concepts_digest(concepts)[:16]}", concepts)[0]
 
 
 def _fused_recall(task, dense, bm25, encoder, settings) -> dict[str, float]:
