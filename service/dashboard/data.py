@@ -253,11 +253,12 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
         new = 0 if v.artifact.uri in seen_uris else v.artifact.bytes
         models += new
         seen_uris.add(v.artifact.uri)
-        for s in states:
-            if s.artifact.uri not in seen_uris:
-                new += s.artifact.bytes
-                task_states += s.artifact.bytes
-                seen_uris.add(s.artifact.uri)
+        for s in states:  # the ranker's state, and the retriever's where tuned
+            for art in (s.artifact, s.tower):
+                if art is not None and art.uri not in seen_uris:
+                    new += art.bytes
+                    task_states += art.bytes
+                    seen_uris.add(art.uri)
         parent = by_id.get(v.parent_id) if v.parent_id is not None else None
         error = v.metrics.get("error")
         rows.append(
