@@ -74,6 +74,9 @@ class RetrieverUpdate:
             "dev_recall_before": self.tuned.start_dev,
             "dev_recall_after": self.tuned.best_dev,
             "steps": self.tuned.steps,
+            # λ·Ω at the last dev evaluation: how far the
+            # tuning pulled the tower from the earlier tasks' anchors (0: none)
+            "last_penalty": self.tuned.history[-1]["penalty"] if self.tuned.history else 0.0,
             "penalty": self.penalty,
             "lambda": self.lam,
             "prior_tasks": self.prior_tasks,
