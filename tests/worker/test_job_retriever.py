@@ -9,16 +9,15 @@ so only tuning can make the dense side find them."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from worker_factories import TINY_RANKER, TINY_TRAIN, stage
+from worker_factories import ALPHA, BETA, TINY_RANKER, TINY_TRAIN, lay_task, stage
 
 from kronlink.contract import UpdateJobSpec
 from kronlink.data.io import ONTOLOGY_FILE, read_ontology
-from kronlink.data.schema import Candidate, Concept, Query, Task
+from kronlink.data.schema import Task
 from kronlink.registry import (
     active_version,
     create_job,
@@ -34,41 +33,6 @@ from service.batching import LinkItem, rank_items
 from service.holder import load_version
 from service.ontologies import OntologyIndex
 from worker.job import JobContext, Outcome, run_job
-
-ALPHA = {
-    "Hypertension": "blorp",
-    "Asthma": "wheezle",
-    "Fever": "hotbod",
-    "Cough": "barkle",
-    "Headache": "skullache",
-    "Migraine": "flashhead",
-    "Anemia": "paleblood",
-    "Gout": "toefire",
-}
-BETA = {
-    "Nausea": "queaze",
-    "Vertigo": "spinnies",
-    "Eczema": "itchskin",
-    "Insomnia": "nosnooze",
-    "Tinnitus": "earhum",
-    "Dyspepsia": "gutburn",
-    "Syncope": "droopfall",
-    "Psoriasis": "scaleflake",
-}
-
-
-def lay_task(name: str, words: dict[str, str], seed: int) -> Task:
-    """Each lay word in train, dev and test (the ontology stores none of them)."""
-    rng = random.Random(seed)
-    ids = {n: f"{name}:{i}" for i, n in enumerate(words)}
-    concepts = tuple(Concept(ids[n], n) for n in words)
-    queries = []
-    for split in ("train", "train", "dev", "test"):
-        for n, lay in words.items():
-            picked = [*rng.sample([c for c in words if c != n], 3), n]
-            cands = tuple(Candidate(ids[c], c) for c in picked)
-            queries.append(Query(lay, ids[n], "patient has", "today", cands, split))
-    return Task(name, concepts, tuple(queries))
 
 
 @pytest.fixture
