@@ -128,6 +128,7 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         steps.validate()
         steps.load()
         steps.tune_retriever()
+        steps.candidates()
         steps.update()
         steps.write()
         log.info(

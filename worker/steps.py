@@ -115,12 +115,15 @@ class UpdateSteps:
                     JobState.FAILED, f"unknown train option(s): {', '.join(sorted(unknown))}"
                 )
             self.train = TrainConfig(**spec.train)
-            # with a tuned retriever, candidates come from it (tune_retriever)
-            if not run.ctx.settings.retriever_tune and self.missing_candidates():
-                self.task = self.with_candidates(self.task)
 
-    def missing_candidates(self) -> bool:
-        return any(q.candidates is None for q in self.task.queries)
+    def candidates(self) -> None:
+        """Generate the candidates the upload did not give, after ``load`` and
+        ``tune_retriever``: with the retriever this version will serve (the
+        parent's tower, or the one tuned here), so training, the retrieval
+        prior, the gate and serving all see the same retriever."""
+        if any(q.candidates is None for q in self.task.queries):
+            with timed(self.run, "candidates"):
+                self.task = self.with_candidates(self.task)
 
     def with_candidates(self, task: Any) -> Any:
         """The task with candidates from the service's retriever wherever a query
@@ -214,13 +217,10 @@ class UpdateSteps:
     def tune_retriever(self) -> None:
         """With ``retriever_tune``: fine-tune the query tower on the task's
         train mentions against its ontology's dense index, under the penalty of
-        the earlier tasks' tower states; then generate any missing candidates
-        with the tuned retriever, so training, the retrieval prior, the gate
-        and serving all see the same retriever."""
+        the earlier tasks' tower states."""
         settings = self.run.ctx.settings
         if not settings.retriever_tune:
             return
-        from kronlink.retrieval import Retriever
         from kronlink.retrieval.learn import RetrieverLearnConfig, learn_retriever_task
         from kronlink.retrieval.tower import QueryTower, TuneConfig
         from kronlink.update import UpdateProgress
@@ -272,20 +272,8 @@ class UpdateSteps:
             raise Ending(JobState.FAILED, "the retriever's tuning stopped without a result")
         self.tower, self.tower_update = result.tower, result
         # the same BM25 and concept index; mentions now go through the tuned tower
-        self.retriever = Retriever(
-            base.concepts,
-            mode="fused",
-            dense=base.dense,
-            encoder=result.tower.query_encoder(),
-            w_dense=base.w_dense,
-            w_bm25=base.w_bm25,
-            rrf_k=base.rrf_k,
-            depth=base.depth,
-            bm25=base.bm25,
-        )
+        self.retriever = base.with_encoder(result.tower.query_encoder())
         log.info("job %s: retriever tuned: %s", run.job.id, result.summary())
-        if self.missing_candidates():
-            self.task = self.with_candidates(self.task)
 
     # -- update ------------------------------------------------------------------
     def update(self) -> None:
@@ -330,7 +318,9 @@ class UpdateSteps:
         if self.retriever is None:
             from kronlink.retrieval import task_retriever
 
-            self.retriever = task_retriever(self.task, self.run.ctx.settings)
+            r = task_retriever(self.task, self.run.ctx.settings)
+            # a carried tower serves this version, so it retrieves here too
+            self.retriever = r.with_encoder(self.tower.query_encoder()) if self.tower else r
         return self.retriever
 
     def retriever_dev_top1(self) -> float | None:
