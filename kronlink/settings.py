@@ -121,6 +121,21 @@ class Settings(BaseSettings):
     # served dev top-1 is then at least the model's alone and the retriever's.
     # Off: the version serves the model (and exact-name prior) alone.
     retrieval_prior: bool = True
+    # Fused mode only: the update job also fine-tunes the retriever's mention
+    # side (kronlink/retrieval/learn.py) under retriever_penalty at
+    # retriever_lambda from the earlier tasks' retriever states, stores the
+    # tuned tower in the version's folder and this task's state beside the
+    # ranker's; the version then serves dense retrieval with its own tower.
+    # Off by default: it costs minutes of CPU a task and ~170 MB a task state.
+    retriever_tune: bool = False
+    retriever_penalty: Literal["kfc-expand", "kfc", "ewc", "l2"] = "kfc-expand"
+    retriever_lambda: float = Field(default=1000.0, ge=0)
+    retriever_lr: float = Field(default=5e-5, gt=0)
+    retriever_epochs: int = Field(default=1, ge=1)
+    retriever_max_train: int | None = Field(default=None, ge=1)  # a seeded subset (CPU budgets)
+    retriever_curvature_queries: int = Field(default=1024, ge=1)
+    # the dev metric that picks the kept tower: dense recall@k (1 for tiny ontologies)
+    retriever_eval_k: int = Field(default=10, ge=1)
     ontologies_cached: int = Field(default=4, ge=1)  # BM25 indexes kept in memory
     log_format: Literal["json", "text"] = "json"
 
@@ -176,6 +191,11 @@ class Settings(BaseSettings):
             problems.append(
                 f"batch_queue_max must be at least max_batch_items ({self.max_batch_items}), "
                 f"got {self.batch_queue_max}: a full batch request could never be queued"
+            )
+        if self.retriever_tune and self.retriever_mode != "fused":
+            problems.append(
+                "retriever_tune needs retriever_mode 'fused': BM25 has nothing to tune "
+                "(set KRONLINK_RETRIEVER_MODE=fused, or KRONLINK_RETRIEVER_TUNE=false)"
             )
         if not self.lineage_names:
             problems.append("lineages must name at least one lineage, got none")

@@ -131,7 +131,9 @@ def rank_items(
         first = items[positions[0]]
         assert first.index is not None
         k = max(items[i].k for i in positions)
-        found = first.index.retrieve([items[i].mention for i in positions], k)
+        found = first.index.retrieve(
+            [items[i].mention for i in positions], k, encoder=model.query_encoder
+        )
         for i, (c, ev) in zip(positions, found, strict=True):
             cands[i] = c[: items[i].k]
             evidence[i] = ev[: items[i].k]

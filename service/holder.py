@@ -40,6 +40,7 @@ from kronlink.data.schema import Candidate, Query
 from kronlink.models import Ranker, load_ranker, masked_log_softmax
 from kronlink.ranking import rank_scores
 from kronlink.registry import ArtifactStore, VersionInfo, active_version
+from kronlink.retrieval.tower import TOWER_DIR, QueryEncoder, QueryTower
 from kronlink.retrieval_prior import RetrievalPrior
 from service.metrics import Metrics
 
@@ -77,6 +78,9 @@ class LoadedModel:
     # beta * -log(1 + retriever rank), from the version's metrics["retrieval_prior"]
     # (kronlink.retrieval_prior); None: a version fitted without one
     retrieval_prior: RetrievalPrior | None = None
+    # the version's tuned query tower as a retriever encoder (its folder's
+    # ``tower/``, kronlink.retrieval.learn); None: the shipped encoder serves
+    query_encoder: QueryEncoder | None = None
 
     def score(
         self,
@@ -166,6 +170,9 @@ def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> Loa
         # a local store verifies in place and ignores dest; a remote one downloads there
         path = store.get(store.key_of(art.uri), art.sha256, scratch / "model")
         ranker = load_ranker(path, map_location=device)
+        tower = None
+        if (path / TOWER_DIR).is_dir():
+            tower = QueryTower.load(path / TOWER_DIR).to(device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the weights are in memory now
     ranker.eval()
@@ -174,8 +181,13 @@ def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> Loa
         ranker=ranker,
         calibrator=calibrator_of(version),
         retrieval_prior=retrieval_prior_of(version),
+        query_encoder=tower.query_encoder(batch_size=64) if tower is not None else None,
     )
-    model.score(_WARM_QUERIES)  # first-call costs (allocator, lazy init) are paid here
+    model.score(_WARM_QUERIES)
+    if model.query_encoder is not None:
+        model.query_encoder.encode(
+            [q.mention for q in _WARM_QUERIES]
+        )  # first-call costs (allocator, lazy init) are paid here
     return model
 
 

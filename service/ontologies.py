@@ -27,6 +27,7 @@ from kronlink.data.schema import Candidate, Concept
 from kronlink.registry import ArtifactStore, NotFoundError, OntologyInfo, get_ontology
 from kronlink.registry.models import Ontology
 from kronlink.retrieval import Retriever, retriever_for
+from kronlink.retrieval.tower import QueryEncoder
 from service.problems import FieldError, ProblemError
 
 __all__ = ["OntologyIndex", "OntologyIndexes"]
@@ -45,10 +46,14 @@ class OntologyIndex:
         return frozenset(self.index.ids[i] for i in self.index.exact(mention))
 
     def retrieve(
-        self, mentions: Sequence[str], k: int
+        self, mentions: Sequence[str], k: int, *, encoder: QueryEncoder | None = None
     ) -> list[tuple[tuple[Candidate, ...], tuple[bool, ...]]]:
         """The top ``k`` concepts per mention, best first (model thread only),
         and per concept whether the retriever has evidence for it.
+
+        ``encoder``: the served version's tuned query tower; in fused mode it
+        encodes the mentions instead of the shipped encoder (the index's
+        concept side is the same, so the stored index serves every version).
 
         A concept BM25 scores 0 shares no word with the mention: BM25 fills
         its top k with the ontology's first concepts then. Such filler is
@@ -56,12 +61,25 @@ class OntologyIndex:
         on dev, but it is never served as an answer (the ranker, made to pick
         one, served "flu" -> "A00 Cholera"). An exact match scores inf and a
         fused hit > 0: both are evidence."""
+        vectors = None
+        dense = self.index.dense
+        if encoder is not None and self.index.mode == "fused" and dense is not None:
+            if encoder.version == dense.encoder:
+                vectors = encoder.encode(list(mentions))
+            else:  # cannot happen with the shipped encoder; never search mismatched vectors
+                log.warning(
+                    "ontology %s: the version's tower is for %s, the index is %s; "
+                    "using the index's own encoder",
+                    self.info.name,
+                    encoder.version,
+                    dense.encoder,
+                )
         return [
             (
                 tuple(Candidate(cid, self.concepts[cid].name) for cid, _ in hits),
                 tuple(score > 0 for _, score in hits),
             )
-            for hits in self.index.search(list(mentions), k)
+            for hits in self.index.search(list(mentions), k, query_vectors=vectors)
         ]
 
     def candidates(self, mentions: Sequence[str], k: int) -> list[tuple[Candidate, ...]]:

@@ -361,3 +361,61 @@ def test_update_calibrates_on_dev_end_to_end_gold_absent_counts_as_wrong() -> No
     assert ece["calibrated"] == pytest.approx(
         expected_calibration_error(Calibrator.from_dict(cal).many(t_rows), t_right), abs=1e-6
     )
+
+
+def test_cli_update_tunes_and_carries_the_retriever(tmp_path: Path, monkeypatch, capsys) -> None:
+    """With KRONLINK_RETRIEVER_TUNE (fused mode) the CLI does what the
+    worker's job does: it tunes the parent's tower (none: the shipped MiniLM),
+    saves it in the new model's folder and the task's retriever state beside
+    the ranker's; the next update is penalised by that state, and an update
+    without tuning carries the tower unchanged."""
+    import sys
+
+    sys.path.append(str(Path(__file__).parent / "worker"))
+    from worker_factories import ALPHA, BETA, lay_task
+
+    from kronlink.retrieval.tower import TOWER_DIR, QueryTower
+
+    for k, v in {
+        "KRONLINK_DATA_DIR": str(tmp_path / "data"),
+        "KRONLINK_RETRIEVER_MODE": "fused",
+        "KRONLINK_RETRIEVER_TUNE": "true",
+        "KRONLINK_RETRIEVER_LR": "3e-4",
+        "KRONLINK_RETRIEVER_EPOCHS": "6",
+        "KRONLINK_RETRIEVER_EVAL_K": "1",
+        "KRONLINK_RETRIEVER_CURVATURE_QUERIES": "16",
+    }.items():
+        monkeypatch.setenv(k, v)
+    _model().save(tmp_path / "v0")
+
+    def update(model: str, task: Task, out: str, *extra: str) -> dict:
+        folder = save_task(task, tmp_path / f"task-{task.name}")
+        argv = ["update", "--model", str(tmp_path / model), "--task", str(folder)]
+        argv += ["--method", "none", "--epochs", "1", "--out", str(tmp_path / out)]
+        argv += ["--state-out", str(tmp_path / f"{out}.safetensors"), *extra]
+        capsys.readouterr()
+        assert main(argv) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    s1 = update("v0", lay_task("alpha", ALPHA, 1), "v1")["retriever"]
+    assert s1["tuned"] and s1["prior_tasks"] == 0 and s1["last_penalty"] == 0.0
+    assert s1["dev_recall_after"] >= s1["dev_recall_before"] + 0.25, s1
+    state1 = s1["state_out"]
+    assert state1 == f"{tmp_path / 'v1.safetensors'}.retriever"
+    TaskState.load(state1, model=QueryTower.load(tmp_path / "v1" / TOWER_DIR))
+
+    s2 = update("v1", lay_task("beta", BETA, 2), "v2", "--retriever-prior", state1)["retriever"]
+    assert s2["prior_tasks"] == 1 and s2["penalty"] == "kfc-expand" and s2["last_penalty"] > 0
+
+    monkeypatch.setenv("KRONLINK_RETRIEVER_TUNE", "false")
+    s3 = update("v2", lay_task("gamma", ALPHA, 3), "v3")["retriever"]
+    assert s3 == {"tuned": False, "carried": True}
+    t2 = QueryTower.load(tmp_path / "v2" / TOWER_DIR).encoder.state_dict()
+    t3 = QueryTower.load(tmp_path / "v3" / TOWER_DIR).encoder.state_dict()
+    assert all(t2[k].equal(t3[k]) for k in t2)
+    # a retriever prior without tuning is refused, not ignored
+    folder = save_task(lay_task("delta", ALPHA, 4), tmp_path / "task-delta")
+    argv = ["update", "--model", str(tmp_path / "v3"), "--task", str(folder), "--method", "none"]
+    argv += ["--out", str(tmp_path / "v4"), "--state-out", str(tmp_path / "v4.st")]
+    assert main([*argv, "--retriever-prior", state1]) == 2
+    assert "--retriever-prior needs KRONLINK_RETRIEVER_TUNE=true" in capsys.readouterr().err

@@ -127,6 +127,8 @@ def run_job(ctx: JobContext, job_id: int) -> Outcome:
         steps = UpdateSteps(run, scratch)
         steps.validate()
         steps.load()
+        steps.tune_retriever()
+        steps.candidates()
         steps.update()
         steps.write()
         log.info(

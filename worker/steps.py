@@ -7,7 +7,11 @@ one object that keeps what the later steps need.
     ending = steps.commit(session)
 
 ``write`` stores the model, the new task's curvature state and a new
-ontology's concepts; :meth:`UpdateSteps.write_extra_artifacts` is the place
+ontology's concepts; with ``retriever_tune`` (fused mode), ``tune_retriever``
+first fine-tunes the retriever's query tower (kronlink/retrieval/learn.py)
+and ``write`` stores it in the version's folder (``tower/``) and its task
+state beside the ranker's. A version whose parent has a tower carries it
+forward unchanged when this job does not tune it; :meth:`UpdateSteps.write_extra_artifacts` is the place
 for further artifacts a version carries (indexes built by the worker): each
 goes through :meth:`UpdateSteps.put`, so a failed job removes it like the
 others, and the commit reads it from ``self.extra``.
@@ -69,6 +73,9 @@ class UpdateSteps:
     method: str = "none"
     new_ontology: bool = False  # its concepts file is stored with this version
     retriever: Any = None  # kronlink.retrieval.Retriever, when this job built one
+    tower: Any = None  # kronlink.retrieval.tower.QueryTower: the parent's, or tuned here
+    tower_priors: list[Any] = field(default_factory=list)  # earlier tasks' tower states
+    tower_update: Any = None  # kronlink.retrieval.learn.RetrieverUpdate, when tuned here
     # update
     request: Any = None  # kronlink.update.UpdateRequest
     result: Any = None  # kronlink.update.UpdateResult
@@ -76,6 +83,7 @@ class UpdateSteps:
     written: list[str] = field(default_factory=list)
     model_art: ArtifactInfo | None = None
     state_art: ArtifactInfo | None = None
+    tower_state_art: ArtifactInfo | None = None
     onto_art: ArtifactInfo | None = None
     extra: dict[str, ArtifactInfo] = field(default_factory=dict)
 
@@ -107,7 +115,14 @@ class UpdateSteps:
                     JobState.FAILED, f"unknown train option(s): {', '.join(sorted(unknown))}"
                 )
             self.train = TrainConfig(**spec.train)
-            if any(q.candidates is None for q in self.task.queries):
+
+    def candidates(self) -> None:
+        """Generate the candidates the upload did not give, after ``load`` and
+        ``tune_retriever``: with the retriever this version will serve (the
+        parent's tower, or the one tuned here), so training, the retrieval
+        prior, the gate and serving all see the same retriever."""
+        if any(q.candidates is None for q in self.task.queries):
+            with timed(self.run, "candidates"):
                 self.task = self.with_candidates(self.task)
 
     def with_candidates(self, task: Any) -> Any:
@@ -118,13 +133,10 @@ class UpdateSteps:
         from dataclasses import replace
 
         from kronlink.data.candidates import attach_candidates
-        from kronlink.data.splits import without_query_strings
-        from kronlink.retrieval import retriever_for
 
         settings = self.run.ctx.settings
-        concepts = without_query_strings(task.concepts, task.queries)
-        self.retriever = retriever_for(concepts, settings)
-        by_id = {c.id: c for c in concepts}
+        retriever = self.task_retriever()
+        by_id = {c.id: c for c in retriever.concepts}
         queries = list(task.queries)
         for insert in (True, False):
             idx = [
@@ -135,7 +147,7 @@ class UpdateSteps:
             if idx:
                 done = attach_candidates(
                     [queries[i] for i in idx],
-                    self.retriever,
+                    retriever,
                     by_id,
                     settings.bm25_candidates,
                     insert_gold=insert,
@@ -182,6 +194,86 @@ class UpdateSteps:
                 p = store.get(key, r.artifact.sha256, self.scratch / f"prior{i}")
                 self.priors.append(TaskState.load(p, model=self.model))
             self.method = spec.method
+            self.load_tower(path)
+
+    def load_tower(self, parent_folder: Path) -> None:
+        """The parent's query tower (carried forward, or tuned further) and
+        the earlier tasks' tower states, which the tuning's penalty keeps."""
+        from kronlink.curvature.state import TaskState
+        from kronlink.retrieval.tower import TOWER_DIR, QueryTower
+
+        if (parent_folder / TOWER_DIR).is_dir():
+            self.tower = QueryTower.load(parent_folder / TOWER_DIR)
+        if self.tower is None or not self.run.ctx.settings.retriever_tune:
+            return
+        store = self.run.ctx.store
+        for i, r in enumerate(self.prior_rows):
+            if r.tower is None:  # learned before the retriever was tuned: nothing to keep
+                continue
+            p = store.get(store.key_of(r.tower.uri), r.tower.sha256, self.scratch / f"tower{i}")
+            self.tower_priors.append(TaskState.load(p, model=self.tower))
+
+    # -- tune_retriever -------------------------------------------------------------
+    def tune_retriever(self) -> None:
+        """With ``retriever_tune``: fine-tune the query tower on the task's
+        train mentions against its ontology's dense index, under the penalty of
+        the earlier tasks' tower states."""
+        settings = self.run.ctx.settings
+        if not settings.retriever_tune:
+            return
+        from kronlink.retrieval.learn import RetrieverLearnConfig, learn_retriever_task
+        from kronlink.retrieval.tower import QueryTower, TuneConfig
+        from kronlink.update import UpdateProgress
+
+        run = self.run
+        run.check()
+        base = self.task_retriever()
+        tower = self.tower if self.tower is not None else QueryTower.build()
+        config = RetrieverLearnConfig(
+            tune=TuneConfig(
+                epochs=settings.retriever_epochs,
+                lr=settings.retriever_lr,
+                max_train=settings.retriever_max_train,
+                seed=self.train.seed,
+                eval_k=settings.retriever_eval_k,
+            ),
+            penalty=settings.retriever_penalty,
+            lam=settings.retriever_lambda,
+            curvature_queries=settings.retriever_curvature_queries,
+        )
+
+        def progress(e: dict) -> None:
+            run.on_progress(
+                UpdateProgress(
+                    phase="retriever",
+                    epoch=e.get("epoch"),
+                    step=e.get("step"),
+                    total_steps=e.get("total_steps"),
+                    loss=e.get("loss"),
+                    penalty=e.get("penalty"),
+                    message=f"tuning the retriever ({len(self.tower_priors)} earlier task(s) kept)",
+                )
+            )
+
+        train = [q for q in self.task.queries if q.split in (None, "train")]
+        with timed(run, "retriever"):
+            result = learn_retriever_task(
+                tower,
+                base.dense,
+                train,
+                self.task.split("dev"),
+                self.tower_priors,
+                config,
+                on_progress=progress,
+                should_stop=run.should_stop,
+            )
+        run.check()
+        if result.tuned.stopped:
+            raise Ending(JobState.FAILED, "the retriever's tuning stopped without a result")
+        self.tower, self.tower_update = result.tower, result
+        # the same BM25 and concept index; mentions now go through the tuned tower
+        self.retriever = base.with_encoder(result.tower.query_encoder())
+        log.info("job %s: retriever tuned: %s", run.job.id, result.summary())
 
     # -- update ------------------------------------------------------------------
     def update(self) -> None:
@@ -226,7 +318,9 @@ class UpdateSteps:
         if self.retriever is None:
             from kronlink.retrieval import task_retriever
 
-            self.retriever = task_retriever(self.task, self.run.ctx.settings)
+            r = task_retriever(self.task, self.run.ctx.settings)
+            # a carried tower serves this version, so it retrieves here too
+            self.retriever = r.with_encoder(self.tower.query_encoder()) if self.tower else r
         return self.retriever
 
     def retriever_dev_top1(self) -> float | None:
@@ -257,6 +351,15 @@ class UpdateSteps:
             self.result.new_state.save(
                 self.scratch / "out-state.safetensors", dtype=self.request.state_torch_dtype
             )
+            if self.tower is not None:  # tuned here, or the parent's carried forward
+                from kronlink.retrieval.tower import TOWER_DIR
+
+                self.tower.save(self.scratch / "out-model" / TOWER_DIR)
+            if self.tower_update is not None:
+                self.tower_update.state.save(
+                    self.scratch / "out-tower-state.safetensors",
+                    dtype=self.request.state_torch_dtype,
+                )
             self.model_art = self.put(
                 f"versions/{job.lineage}/{self.attempt}", self.scratch / "out-model"
             )
@@ -264,6 +367,11 @@ class UpdateSteps:
                 f"states/{job.lineage}/{self.attempt}/{run.spec.task_name}",
                 self.scratch / "out-state.safetensors",
             )
+            if self.tower_update is not None:
+                self.tower_state_art = self.put(
+                    f"states/{job.lineage}/{self.attempt}/{run.spec.task_name}.retriever",
+                    self.scratch / "out-tower-state.safetensors",
+                )
             if self.new_ontology:  # kept for the service's candidate generation
                 # The ontology outlives the job's data: it is stored without any
                 # string the task uses as a query (an upload may list its
@@ -318,6 +426,13 @@ class UpdateSteps:
             # the same model without the retrieval prior / without any prior
             "ablations": summary.get("ablations") or {},
             "retriever_mode": self.run.ctx.settings.retriever_mode,
+            # the query tower: tuned by this job (its summary), carried from
+            # the parent unchanged, or none (the shipped encoder serves)
+            "retriever": (
+                self.tower_update.summary()
+                if self.tower_update is not None
+                else {"tuned": False, "carried": self.tower is not None}
+            ),
         }
 
     def commit(self, s: Session) -> Ending | None:
@@ -346,8 +461,8 @@ class UpdateSteps:
             actor=run.ctx.owner,
         )
         for r in self.prior_rows:
-            add_task_state(s, v.id, r.task_id, r.artifact)
-        add_task_state(s, v.id, task_id, self.state_art)
+            add_task_state(s, v.id, r.task_id, r.artifact, tower=r.tower)
+        add_task_state(s, v.id, task_id, self.state_art, tower=self.tower_state_art)
         if self.result.gate_passed:
             activate_version(s, v.id, actor=run.ctx.owner, reason=f"job {job.id}")
             run.activated = v.id

@@ -86,6 +86,39 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def _tune_tower(args: argparse.Namespace, settings, task, retriever):
+    """(tower, update): the parent's tower (``--model``'s ``tower/``) tuned on
+    the task under the penalty of ``--retriever-prior`` states when the
+    settings ask for it; the parent's tower as it is otherwise (None: none)."""
+    from kronlink.curvature import TaskState
+    from kronlink.retrieval.learn import RetrieverLearnConfig, learn_retriever_task
+    from kronlink.retrieval.tower import TOWER_DIR, QueryTower, TuneConfig
+
+    folder = Path(args.model) / TOWER_DIR
+    tower = QueryTower.load(folder) if folder.is_dir() else None
+    if not settings.retriever_tune:
+        if args.retriever_prior:
+            raise ConfigError("--retriever-prior needs KRONLINK_RETRIEVER_TUNE=true")
+        return tower, None
+    tower = tower or QueryTower.build()
+    priors = [TaskState.load(p, model=tower) for p in args.retriever_prior]
+    config = RetrieverLearnConfig(
+        tune=TuneConfig(
+            epochs=settings.retriever_epochs,
+            lr=settings.retriever_lr,
+            max_train=settings.retriever_max_train,
+            seed=args.seed,
+            eval_k=settings.retriever_eval_k,
+        ),
+        penalty=settings.retriever_penalty,
+        lam=settings.retriever_lambda,
+        curvature_queries=settings.retriever_curvature_queries,
+    )
+    train = [q for q in task.queries if q.split in (None, "train")]
+    update = learn_retriever_task(tower, retriever.dense, train, task.split("dev"), priors, config)
+    return update.tower, update
+
+
 def run(args: argparse.Namespace) -> int:
     from kronlink.curvature import TaskState
     from kronlink.data.io import load_task
@@ -100,11 +133,14 @@ def run(args: argparse.Namespace) -> int:
     # retriever that serving will use, as the worker's job does.
     settings = Settings()
     task = _limited(load_task(args.task), args.limit, args.dev_limit, args.seed)
-    retriever = (
-        task_retriever(task, settings)
-        if settings.retrieval_prior or settings.retriever_gate
-        else None
-    )
+    # With KRONLINK_RETRIEVER_TUNE, the query tower is tuned first (the
+    # worker's order); the prior and the floor are fitted with the tower the
+    # new model will serve with (tuned here, or the parent's).
+    wanted = settings.retrieval_prior or settings.retriever_gate or settings.retriever_tune
+    retriever = task_retriever(task, settings) if wanted else None
+    tower, tower_update = _tune_tower(args, settings, task, retriever)
+    if retriever is not None and tower is not None:
+        retriever = retriever.with_encoder(tower.query_encoder())
     model = load_ranker(args.model)
     lr = args.lr if args.lr is not None else (1e-3 if model.kind == "cnn" else 1e-4)
     request = UpdateRequest(
@@ -149,6 +185,14 @@ def run(args: argparse.Namespace) -> int:
     state_out = Path(args.state_out)
     state_out.parent.mkdir(parents=True, exist_ok=True)
     result.new_state.save(state_out, dtype=request.state_torch_dtype)
+    retriever_out = None
+    if tower is not None:  # tuned here, or the parent's carried forward
+        from kronlink.retrieval.tower import TOWER_DIR
+
+        tower.save(out / TOWER_DIR)
+    if tower_update is not None:
+        retriever_out = Path(args.retriever_state_out or f"{state_out}.retriever")
+        tower_update.state.save(retriever_out, dtype=request.state_torch_dtype)
     summary = {
         "task": task.name,
         "method": request.method,
@@ -156,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
         "state_out": str(state_out),
         "state_bytes": state_out.stat().st_size,
         **result.summary(),
+        "retriever": (
+            {**tower_update.summary(), "state_out": str(retriever_out)}
+            if tower_update is not None
+            else {"tuned": False, "carried": tower is not None}
+        ),
     }
     summary["test_accuracy"] = result.test.accuracy if result.test else None
     (out / "update.json").write_text(
@@ -211,6 +260,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     u.add_argument("--out", required=True, help="folder for the updated model")
+    u.add_argument(
+        "--retriever-prior",
+        action="append",
+        default=[],
+        help="an earlier task's retriever state (KRONLINK_RETRIEVER_TUNE; repeatable)",
+    )
+    u.add_argument(
+        "--retriever-state-out",
+        default=None,
+        help="file for the new task's retriever state (default: <state-out>.retriever)",
+    )
     u.add_argument("--state-out", required=True, help="file for the new task's state")
     u.add_argument("--epochs", type=int, default=3, help="epochs (default: %(default)s)")
     u.add_argument("--batch-size", type=int, default=16, help="queries per step")

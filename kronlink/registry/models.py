@@ -265,6 +265,11 @@ class TaskState(Base):
     artifact_uri: Mapped[str] = mapped_column(String(1000))
     artifact_sha256: Mapped[str] = mapped_column(String(64))
     artifact_bytes: Mapped[int] = mapped_column(BigInteger)
+    # The retriever's query-tower state for the same task (anchor and factors),
+    # where the job tuned the retriever (settings.retriever_tune); else null.
+    tower_uri: Mapped[str | None] = mapped_column(String(1000))
+    tower_sha256: Mapped[str | None] = mapped_column(String(64))
+    tower_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

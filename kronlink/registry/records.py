@@ -74,11 +74,18 @@ class TaskStateInfo:
     version_id: int
     task_id: int
     artifact: ArtifactInfo
+    # the retriever's state for the task (kronlink.retrieval.learn), if tuned
+    tower: ArtifactInfo | None = None
 
     @classmethod
     def of(cls, row: TaskState) -> TaskStateInfo:
         art = ArtifactInfo(row.artifact_uri, row.artifact_sha256, row.artifact_bytes)
-        return cls(row.version_id, row.task_id, art)
+        tower = (
+            ArtifactInfo(row.tower_uri, row.tower_sha256, row.tower_bytes or 0)
+            if row.tower_uri and row.tower_sha256
+            else None
+        )
+        return cls(row.version_id, row.task_id, art, tower)
 
 
 @dataclass(frozen=True)

@@ -254,9 +254,15 @@ def create_version(
 
 
 def add_task_state(
-    session: Session, version_id: int, task_id: int, artifact: ArtifactInfo
+    session: Session,
+    version_id: int,
+    task_id: int,
+    artifact: ArtifactInfo,
+    *,
+    tower: ArtifactInfo | None = None,
 ) -> TaskStateInfo:
-    """Attach a task's curvature state (factors and anchor) to a version."""
+    """Attach a task's curvature state (factors and anchor) to a version, and
+    the retriever's state for that task where the retriever was tuned."""
     _version_row(session, version_id)
     row = TaskState(
         version_id=version_id,
@@ -264,15 +270,25 @@ def add_task_state(
         artifact_uri=artifact.uri,
         artifact_sha256=artifact.sha256,
         artifact_bytes=artifact.bytes,
+        tower_uri=tower.uri if tower else None,
+        tower_sha256=tower.sha256 if tower else None,
+        tower_bytes=tower.bytes if tower else None,
     )
     _insert_unique(session, row, f"state of task {task_id} in version {version_id}")
     return TaskStateInfo.of(row)
 
 
 def referenced_artifact_uris(session: Session) -> set[str]:
-    """Every artifact URI a registry row points at: versions, task states, ontologies."""
+    """Every artifact URI a registry row points at: versions, task states (and
+    their retriever states), ontologies."""
     uris: set[str] = set()
-    for column in (ModelVersion.artifact_uri, TaskState.artifact_uri, Ontology.artifact_uri):
+    columns = (
+        ModelVersion.artifact_uri,
+        TaskState.artifact_uri,
+        TaskState.tower_uri,
+        Ontology.artifact_uri,
+    )
+    for column in columns:
         uris.update(u for u in session.scalars(select(column)) if u)
     return uris
 

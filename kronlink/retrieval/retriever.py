@@ -78,6 +78,24 @@ class Retriever:
                 exact[key].append(i)
         self._exact = {k: sorted(v) for k, v in exact.items()}
 
+    def with_encoder(self, encoder: Encoder) -> Retriever:
+        """The same indexes and fusion, mentions encoded by ``encoder`` (a
+        version's tuned query tower, whose ``version`` is the index's); bm25
+        mode has no encoder to change."""
+        if self.mode != "fused":
+            return self
+        return Retriever(
+            self.concepts,
+            mode="fused",
+            dense=self.dense,
+            encoder=encoder,
+            w_dense=self.w_dense,
+            w_bm25=self.w_bm25,
+            rrf_k=self.rrf_k,
+            depth=self.depth,
+            bm25=self.bm25,
+        )
+
     def __len__(self) -> int:
         return len(self.ids)
 

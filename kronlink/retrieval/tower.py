@@ -46,10 +46,19 @@ from kronlink.errors import CheckpointError, ConfigError
 from kronlink.models.base import Ranker, RankerBatch, TokenLayout, ranking_loss
 from kronlink.retrieval.dense import MAX_TOKENS, DenseIndex, encoder_version
 
-__all__ = ["QueryEncoder", "QueryTower", "TuneConfig", "TuneResult", "recall_at", "tune"]
+__all__ = [
+    "TOWER_DIR",
+    "QueryEncoder",
+    "QueryTower",
+    "TuneConfig",
+    "TuneResult",
+    "recall_at",
+    "tune",
+]
 
 log = logging.getLogger(__name__)
 
+TOWER_DIR = "tower"  # a version's tower, inside its model folder (worker, service)
 WEIGHTS_FILE = "tower.safetensors"
 CONFIG_FILE = "tower.json"
 # Cosines of MiniLM vectors sit in [-1, 1]; a softmax over them needs a

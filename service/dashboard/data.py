@@ -106,6 +106,7 @@ class VersionRow:
     carries: tuple[str, ...] = ()  # names of the tasks it was trained to keep
     baselines: tuple[Baseline, ...] = ()  # the test split's baselines, when recorded
     ranker: str | None = None  # the ranker's kind, when the worker recorded it
+    retriever: str | None = None  # what the version's retriever is (_retriever)
 
     @property
     def active(self) -> bool:
@@ -253,11 +254,12 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
         new = 0 if v.artifact.uri in seen_uris else v.artifact.bytes
         models += new
         seen_uris.add(v.artifact.uri)
-        for s in states:
-            if s.artifact.uri not in seen_uris:
-                new += s.artifact.bytes
-                task_states += s.artifact.bytes
-                seen_uris.add(s.artifact.uri)
+        for s in states:  # the ranker's state, and the retriever's where tuned
+            for art in (s.artifact, s.tower):
+                if art is not None and art.uri not in seen_uris:
+                    new += art.bytes
+                    task_states += art.bytes
+                    seen_uris.add(art.uri)
         parent = by_id.get(v.parent_id) if v.parent_id is not None else None
         error = v.metrics.get("error")
         rows.append(
@@ -273,13 +275,16 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
                 activated_at=v.activated_at,
                 job_id=v.job_id,
                 model_bytes=v.artifact.bytes,
-                state_bytes=sum(s.artifact.bytes for s in states),
+                state_bytes=sum(
+                    s.artifact.bytes + (s.tower.bytes if s.tower else 0) for s in states
+                ),
                 new_bytes=new,
                 test_accuracy=_test_accuracy(v),
                 error=str(error) if error is not None else None,
                 carries=tuple(task_names.get(s.task_id, "?") for s in states),
                 baselines=_baselines(v),
                 ranker=_ranker(v),
+                retriever=_retriever(v),
             )
         )
 
@@ -324,6 +329,31 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
 def _ranker(v: VersionInfo) -> str | None:
     kind = v.metrics.get("ranker")
     return kind if isinstance(kind, str) else None
+
+
+def _retriever(v: VersionInfo) -> str | None:
+    """One line on the version's retriever: its mode, and whether its query
+    tower was tuned here (dev recall before -> after, earlier tasks kept) or
+    carried from the parent. None: recorded before the worker said."""
+    mode = v.metrics.get("retriever_mode")
+    info = v.metrics.get("retriever")
+    if not isinstance(mode, str):
+        return None
+    if not isinstance(info, dict) or not (info.get("tuned") or info.get("carried")):
+        return f"{mode}, shipped encoder" if mode == "fused" else mode
+    if not info.get("tuned"):
+        return f"{mode}, tower carried from the parent"
+    try:
+        k, before, after = (
+            info["dev_recall_at"],
+            info["dev_recall_before"],
+            info["dev_recall_after"],
+        )
+        kept = int(info.get("prior_tasks") or 0)
+        change = f"dev recall@{k} {float(before):.3f} → {float(after):.3f}"
+    except (KeyError, TypeError, ValueError):
+        return f"{mode}, tower tuned"
+    return f"{mode}, tower tuned: {change}, {kept} earlier task{'' if kept == 1 else 's'} kept"
 
 
 def _baselines(v: VersionInfo) -> tuple[Baseline, ...]:

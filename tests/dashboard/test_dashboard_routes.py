@@ -225,3 +225,63 @@ def test_api_version_carries_the_forgetting_scale(registry, seeded):
     assert scale["failed"] and scale["accuracy_drop_points"] == {}
     # v1 trained with no penalty and no prior: no research runs to rest on.
     assert "no research runs" in out[0]["forgetting_scale"]["why"]
+
+
+def test_a_version_card_says_what_its_retriever_is(client, registry, tmp_path) -> None:
+    """A version made with retriever_tune shows its tower's dev recall change
+    and how many earlier tasks it kept; a carried tower and the plain modes
+    say so; a version recorded before the worker said shows nothing."""
+    from kronlink.registry import (
+        ArtifactInfo,
+        add_task_state,
+        create_ontology,
+        create_task,
+        create_version,
+    )
+
+    def fake_artifact(tag: str) -> ArtifactInfo:
+        return ArtifactInfo(f"file:///artifacts/{tag}", "0" * 64, 123)
+
+    tuned = {
+        "tuned": True,
+        "dev_recall_at": 10,
+        "dev_recall_before": 0.62,
+        "dev_recall_after": 0.712,
+        "prior_tasks": 1,
+    }
+    cases = [
+        (
+            {"retriever_mode": "fused", "retriever": tuned},
+            "fused, tower tuned: dev recall@10 0.620 → 0.712, 1 earlier task kept",
+        ),
+        (
+            {"retriever_mode": "fused", "retriever": {"tuned": False, "carried": True}},
+            "fused, tower carried from the parent",
+        ),
+        (
+            {"retriever_mode": "fused", "retriever": {"tuned": False, "carried": False}},
+            "fused, shipped encoder",
+        ),
+        ({"retriever_mode": "bm25"}, "bm25"),
+        ({}, None),
+    ]
+    with registry.factory.begin() as s:
+        onto = create_ontology(s, "o", source="upload", concept_count=3)
+        task = create_task(s, "t", ontology_id=onto.id, sizes={})
+        for n, (metrics, _) in enumerate(cases):
+            v = create_version(
+                s,
+                lineage="towers",
+                method="none",
+                artifact=fake_artifact(f"m{n}"),
+                task_id=task.id,
+                metrics=metrics,
+            )
+            add_task_state(s, v.id, task.id, fake_artifact(f"s{n}"), tower=fake_artifact(f"r{n}"))
+    html = client.get("/dashboard", params={"lineage": "towers"}).text
+    shown = re.findall(r'<dd class="retriever">([^<]*)</dd>', html)
+    assert shown == [want for _, want in cases if want is not None]
+    with registry.factory.begin() as s:
+        view = lineage_view(s, "towers")
+    # a version's stored total counts its retriever state too (123 bytes each)
+    assert all(v.state_bytes == 2 * 123 for v in view.versions)

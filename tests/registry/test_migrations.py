@@ -35,7 +35,7 @@ TABLES = {
 def test_upgrade_from_empty_then_models_match(empty_db_url: str) -> None:
     assert current_revision(empty_db_url) is None
     upgrade(empty_db_url)
-    assert current_revision(empty_db_url) == head_revision() == "0003_ops"
+    assert current_revision(empty_db_url) == head_revision() == "0004_retriever_states"
     engine = create_engine_from_url(empty_db_url)
     try:
         assert set(inspect(engine).get_table_names()) == TABLES
@@ -53,7 +53,7 @@ def test_cli_db_upgrade_and_current(tmp_path, capsys) -> None:
     assert main(["db", "current", "--url", url]) == 0
     assert "none (empty)" in capsys.readouterr().out
     assert main(["db", "upgrade", "--url", url]) == 0
-    assert "at revision 0003_ops" in capsys.readouterr().out
+    assert "at revision 0004_retriever_states" in capsys.readouterr().out
     assert main(["db", "current", "--url", url]) == 0
     assert "up to date" in capsys.readouterr().out
 
@@ -62,7 +62,7 @@ def test_cli_reads_url_from_environment(tmp_path, monkeypatch, capsys) -> None:
     url = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("KRONLINK_DATABASE_URL", url)
     assert main(["db", "upgrade"]) == 0
-    assert current_revision(url) == "0003_ops"
+    assert current_revision(url) == "0004_retriever_states"
 
 
 def test_upgrade_from_0001_keeps_rows_and_downgrade_reverts(empty_db_url: str) -> None:

@@ -24,6 +24,7 @@ from kronlink.registry import (
     list_versions,
     mark_version_failed,
     record_audit,
+    referenced_artifact_uris,
     rollback,
 )
 from kronlink.registry.models import ModelVersion
@@ -119,8 +120,17 @@ def test_task_states_attach_to_versions(session: Session) -> None:
     session.commit()
     [state] = list_task_states(session, v1.id)
     assert state.task_id == task.id and state.artifact.uri.endswith("/state")
+    assert state.tower is None  # learned without tuning the retriever
     with pytest.raises(ConflictError):
         add_task_state(session, v1.id, task.id, fake_artifact("again"))
+    # the retriever's state of the same task rides on the same row, and the
+    # sweep must keep it (referenced_artifact_uris)
+    v2 = make_version(session)
+    add_task_state(session, v2.id, task.id, state.artifact, tower=fake_artifact("tower"))
+    session.commit()
+    [carried] = list_task_states(session, v2.id)
+    assert carried.artifact == state.artifact and carried.tower == fake_artifact("tower")
+    assert carried.tower.uri in referenced_artifact_uris(session)
 
 
 def test_audit_refuses_training_data(session: Session) -> None:

@@ -52,6 +52,44 @@ def make_task(name: str, seed: int, plant: str | None = None) -> Task:
     return Task(name, concepts, tuple(queries))
 
 
+# Made-up lay words for plain names: MiniLM cannot know them, so only tuning
+# the retriever's query tower links them (tests of retriever_tune).
+ALPHA = {
+    "Hypertension": "blorp",
+    "Asthma": "wheezle",
+    "Fever": "hotbod",
+    "Cough": "barkle",
+    "Headache": "skullache",
+    "Migraine": "flashhead",
+    "Anemia": "paleblood",
+    "Gout": "toefire",
+}
+BETA = {
+    "Nausea": "queaze",
+    "Vertigo": "spinnies",
+    "Eczema": "itchskin",
+    "Insomnia": "nosnooze",
+    "Tinnitus": "earhum",
+    "Dyspepsia": "gutburn",
+    "Syncope": "droopfall",
+    "Psoriasis": "scaleflake",
+}
+
+
+def lay_task(name: str, words: dict[str, str], seed: int) -> Task:
+    """Each lay word in train, dev and test (the ontology stores none of them)."""
+    rng = random.Random(seed)
+    ids = {n: f"{name}:{i}" for i, n in enumerate(words)}
+    concepts = tuple(Concept(ids[n], n) for n in words)
+    queries = []
+    for split in ("train", "train", "dev", "test"):
+        for n, lay in words.items():
+            picked = [*rng.sample([c for c in words if c != n], 3), n]
+            cands = tuple(Candidate(ids[c], c) for c in picked)
+            queries.append(Query(lay, ids[n], "patient has", "today", cands, split))
+    return Task(name, concepts, tuple(queries))
+
+
 def stage(settings: Settings, task: Task) -> str:
     staged_id = uuid.uuid4().hex
     save_task(task, settings.staging_path / staged_id)
