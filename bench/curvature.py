@@ -36,7 +36,7 @@ width, so every implementation sees the same tensors). Three tables:
    same batches; steps of the methods are interleaved so drift hits all.
    On CPU glibc's malloc is told to keep freed memory (``_keep_freed``, unless
    ``--malloc default``): by default it handed freed blocks back to the kernel
-   between steps and the next step faulted them in again, 50k to 150k pages
+   between steps and the next step faulted them in again, 80k to 190k pages
    a step depending on what the previous method's step had freed, up to 1 s
    more on a 4.5 s transformer step (bench/step_parts.py); that noise, not the
    penalties, set the differences between methods. Each row also has its

@@ -24,7 +24,7 @@ which load that comes and goes cancels from, and the same per position in
 the round's order, and each part's minor page faults (``ru_minflt``).
 
 What it found (issue 14, docs/benchmarks.md "split rule"): with glibc's
-malloc as it comes, a step faulted 50k to 150k pages back in that the step
+malloc as it comes, a step faulted 80k to 190k pages back in that the step
 before it had handed back to the kernel, and a step that followed a plain
 step took up to 1 s more in its forward; with ``--malloc keep`` no step
 faults a page and the KFC penalties cost what they cost alone.
