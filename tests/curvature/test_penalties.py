@@ -7,6 +7,7 @@ import torch
 from cv_models import ConvRanker, MiniCrossEncoder, conv_batch, cross_batch
 from torch import nn
 
+from kronlink import penalties
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.errors import ConfigError
 from kronlink.models.base import Ranker, RankerBatch, TokenLayout, ranking_loss
@@ -118,7 +119,9 @@ def test_two_product_form_equals_dense_kronecker(case: str, method: str, cls) ->
     all_got = torch.autograd.grad(pen(model), list(model.parameters()))
     all_want = torch.autograd.grad(_dense_omega(model, prior, method), list(model.parameters()))
     for a, b in zip(all_got, all_want, strict=True):
+        a = a.to_dense() if a.is_sparse else a  # an embedding's rows (penalties.py)
         assert (a - b).norm() <= QUADRATIC * b.norm() + 1e-15
+    g_got = g_got.to_dense() if g_got.is_sparse else g_got
     assert (g_got - g_want).norm() <= QUADRATIC * g_want.norm()
 
 
@@ -251,3 +254,54 @@ def test_figure1_kfc_stays_closer_to_task_a_than_ewc() -> None:
     ratio = fisher_dist(ends["kfc"]) / fisher_dist(ends["ewc"])
     assert ratio < 0.5, ratio
     assert loss_a(ends["kfc"]) < loss_a(ends["ewc"])
+
+
+@pytest.mark.parametrize("method", ["kfc", "kfc-expand", "ekfac", "ewc"])
+def test_an_embeddings_penalty_gradient_touches_only_the_priors_rows(method: str) -> None:
+    """The embedding terms gather the rows the prior task used and send back a
+    sparse gradient (penalties._GatherRows). In a training step it adds into
+    the model's dense gradient: the same .grad as index_select's dense one, to
+    rounding, and AdamW steps as before. Of the penalty alone it is sparse,
+    with exactly the prior's rows."""
+    from kronlink.penalties import build_penalty
+
+    model, prior = _prior("cross-sparse")
+    g = torch.Generator().manual_seed(9)
+    batch = cross_batch(6, 4, 5, 40, g)  # uses rows the prior never saw too
+
+    def step_grads(gather) -> dict[str, torch.Tensor]:
+        original = penalties._GatherRows.apply
+        penalties._GatherRows.apply = gather
+        try:
+            pen = build_penalty(method, [prior], 3.0)
+            model.zero_grad(set_to_none=True)
+            scores = model(batch)
+            loss = ranking_loss(scores, batch.candidate_mask, batch.labels) + pen(model)
+            loss.backward()
+        finally:
+            penalties._GatherRows.apply = original
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    sparse = step_grads(penalties._GatherRows.apply)
+    dense = step_grads(lambda w, rows: w.index_select(0, rows))
+    for n, got in sparse.items():
+        assert got.layout == torch.strided, n
+        assert (got - dense[n]).norm() <= 1e-12 * dense[n].norm() + 1e-300, n
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()  # a dense .grad: no error
+
+    (emb,) = [p for n, p in model.named_parameters() if n.startswith("emb")]
+    (alone,) = torch.autograd.grad(build_penalty(method, [prior], 3.0)(model), [emb])
+    assert alone.is_sparse
+    touched = set(alone.coalesce().indices()[0].tolist())
+    used = prior.curvature.diag if method == "ewc" else None
+    if used is not None:
+        want = set(used["emb.weight"].ne(0).any(1).nonzero().squeeze(1).tolist())
+    else:
+        layer = next(n for n, i in prior.curvature.layers.items() if i.rule.value == "embedding")
+        factor = prior.curvature.kfac[layer].A if method != "ekfac" else None
+        want = (
+            set(factor.nonzero().squeeze(1).tolist())
+            if factor is not None
+            else set(prior.curvature.ekfac[layer].s.ne(0).any(1).nonzero().squeeze(1).tolist())
+        )
+    assert touched == want and 0 < len(want) < emb.shape[0] // 2, (touched, want)

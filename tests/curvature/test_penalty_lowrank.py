@@ -22,7 +22,6 @@ from kronlink.penalties import (
     KFCPenalty,
     _grouped_kfc,
     _GroupPlan,
-    _kfc_embedding,
     _low_rank,
     _other_terms,
     _Quad,
@@ -76,8 +75,9 @@ def _dense(model, prior: TaskState) -> torch.Tensor:
     for name, f in cs.kfac.items():
         info = cs.layers[name]
         if info.rule is Rule.EMBEDDING:
-            emb = _kfc_embedding(info.param_names[0], anchor, f.A.double(), f.G.double())
-            total = total + emb(params)
+            # every row, brute force: vec(Δ_lin)ᵀ (diag(a) ⊗ G) vec(Δ_lin), Δ_lin = Δwᵀ
+            dw = params[info.param_names[0]] - anchor[info.param_names[0]]
+            total = total + (dw * (dw @ f.G.double()) * f.A.double()[:, None]).sum()
             continue
         w = params[info.param_names[0]] - anchor[info.param_names[0]]
         d = w.reshape(w.shape[0], -1)
