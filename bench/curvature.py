@@ -159,15 +159,13 @@ def _map_large_blocks() -> bool:
 
 
 def _keep_freed() -> bool:
-    """Have glibc's malloc keep every freed block for reuse: no ``mmap`` for
-    large blocks (``M_MMAP_MAX`` 0), no trimming of the heap's top
-    (``M_TRIM_THRESHOLD`` 2 GiB, mallopt's largest). After the first steps reach their peak, a
-    step then touches no page the kernel has to fault in again, whatever the
-    step before it (another method's) freed, as with a caching allocator."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2**31 - 1))
-    return False
+    """glibc keeps every freed block for reuse (``kronlink._malloc``, which
+    the worker and the training CLIs call too): after the first steps reach
+    their peak, a step touches no page the kernel has to fault in again,
+    whatever the step before it (another method's) freed."""
+    from kronlink._malloc import keep_freed_memory
+
+    return keep_freed_memory()
 
 
 def _faults() -> int:

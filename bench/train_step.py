@@ -3,7 +3,7 @@ against a plain PyTorch loop over the same pre-tokenised tensors.
 
     .venv/bin/python bench/train_step.py [--candidates 25] [--batch-size 16]
         [--steps 4] [--repeats 3] [--models transformer,cnn] [--tables loop,raw]
-        [--json results/bench/train_step_cpu.json]
+        [--malloc default|keep] [--json results/bench/train_step_cpu.json]
     .venv/bin/python bench/train_step.py --from-json results/bench/train_step_cpu.json
 
 Synthetic queries of realistic length (ICD-10-CM-like mentions and candidate
@@ -234,6 +234,13 @@ def main() -> None:
         help="torch CPU threads (0: torch's default); 1 on a "
         "shared CPU, where a busy core stalls torch's thread pool",
     )
+    p.add_argument(
+        "--malloc",
+        choices=("default", "keep"),
+        default="default",
+        help="keep: glibc keeps freed memory (kronlink/_malloc.py, what the worker and "
+        "the training commands do); default: glibc as it comes",
+    )
     p.add_argument("--json", type=Path, help="write table loop's record here")
     p.add_argument("--from-json", type=Path, help="print table loop from a record")
     args = p.parse_args()
@@ -243,6 +250,11 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = False
+    if args.malloc == "keep":
+        from kronlink._malloc import keep_freed_memory
+
+        kept = keep_freed_memory()
     tables = set(args.tables.split(","))
     if "loop" in tables:
         load = list(os.getloadavg())
@@ -252,8 +264,13 @@ def main() -> None:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "malloc_keep_freed": kept,
             "loadavg_start": load,
             "loadavg_end": list(os.getloadavg()),
+            "peak_rss_mib": round(
+                __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss
+                / 1024
+            ),
             "rows": rows,
         }
         print_loop(rec)

@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     # the dev metric that picks the kept tower: dense recall@k (1 for tiny ontologies)
     retriever_eval_k: int = Field(default=10, ge=1)
     ontologies_cached: int = Field(default=4, ge=1)  # BM25 indexes kept in memory
+    # The worker and the training CLIs tell glibc to keep freed memory: a
+    # training step then reuses its pages instead of faulting them in again
+    # (kronlink/_malloc.py; RSS stays at its peak). The API never does.
+    keep_freed_memory: bool = True
     log_format: Literal["json", "text"] = "json"
 
     # -- operations hardening (issue 16; docs/operations.md) ----------------

@@ -406,6 +406,7 @@ def test_cli_update_tunes_and_carries_the_retriever(tmp_path: Path, monkeypatch,
 
     s2 = update("v1", lay_task("beta", BETA, 2), "v2", "--retriever-prior", state1)["retriever"]
     assert s2["prior_tasks"] == 1 and s2["penalty"] == "kfc-expand" and s2["last_penalty"] > 0
+    assert len(s2["predicted_forgetting"]) == 1 and s2["predicted_forgetting"][0] > 0
 
     monkeypatch.setenv("KRONLINK_RETRIEVER_TUNE", "false")
     s3 = update("v2", lay_task("gamma", ALPHA, 3), "v3")["retriever"]

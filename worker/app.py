@@ -115,8 +115,14 @@ class _ResendAfterReconnect(bootsteps.StartStopStep):
 
 @worker_ready.connect
 def _on_worker_ready(sender=None, **_: object) -> None:
-    """At start: sweep stale staged data, recover lost jobs, re-send queued ones;
-    then keep sweeping every ``sweep_interval_s`` beside the jobs."""
+    """At start: glibc keeps freed memory (the solo pool trains in this
+    process; kronlink/_malloc.py), sweep stale staged data, recover lost jobs,
+    re-send queued ones; then keep sweeping every ``sweep_interval_s`` beside
+    the jobs."""
+    if get_settings().keep_freed_memory:
+        from kronlink._malloc import keep_freed_memory
+
+        keep_freed_memory()
     _sweep_and_resend("startup")
     interval = get_settings().sweep_interval_s
     if interval > 0:

@@ -75,6 +75,7 @@ class UpdateSteps:
     retriever: Any = None  # kronlink.retrieval.Retriever, when this job built one
     tower: Any = None  # kronlink.retrieval.tower.QueryTower: the parent's, or tuned here
     tower_priors: list[Any] = field(default_factory=list)  # earlier tasks' tower states
+    tower_prior_names: list[str] = field(default_factory=list)  # their tasks, in order
     tower_update: Any = None  # kronlink.retrieval.learn.RetrieverUpdate, when tuned here
     # update
     request: Any = None  # kronlink.update.UpdateRequest
@@ -212,6 +213,7 @@ class UpdateSteps:
                 continue
             p = store.get(store.key_of(r.tower.uri), r.tower.sha256, self.scratch / f"tower{i}")
             self.tower_priors.append(TaskState.load(p, model=self.tower))
+            self.tower_prior_names.append(self.prior_names[i])
 
     # -- tune_retriever -------------------------------------------------------------
     def tune_retriever(self) -> None:
@@ -429,7 +431,16 @@ class UpdateSteps:
             # the query tower: tuned by this job (its summary), carried from
             # the parent unchanged, or none (the shipped encoder serves)
             "retriever": (
-                self.tower_update.summary()
+                {
+                    **self.tower_update.summary(),
+                    "predicted_forgetting": dict(
+                        zip(
+                            self.tower_prior_names,
+                            self.tower_update.predicted_forgetting,
+                            strict=True,
+                        )
+                    ),
+                }
                 if self.tower_update is not None
                 else {"tuned": False, "carried": self.tower is not None}
             ),

@@ -22,6 +22,16 @@ def progress_bar(total: int, desc: str, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
+def keep_freed_memory_if_set() -> None:
+    """Training commands: glibc keeps freed memory unless
+    ``KRONLINK_KEEP_FREED_MEMORY`` is false (kronlink/_malloc.py)."""
+    from kronlink._malloc import keep_freed_memory
+    from kronlink.settings import Settings
+
+    if Settings().keep_freed_memory:
+        keep_freed_memory()
+
+
 def load_split(task_dir: str, split: str, limit: int | None, seed: int):
     """The task and a seeded subset of one of its splits."""
     from kronlink.data.io import load_task

@@ -16,8 +16,11 @@ _TIER_NAMES = ("tier1", "combined", "tier2", "tier3", "early", "figure2")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kronlink.cli._common import keep_freed_memory_if_set
     from kronlink.experiments import load_config, run_experiment
     from kronlink.experiments.config import TIERS
+
+    keep_freed_memory_if_set()
 
     cfg = load_config(args.config)
     tiers = [t.strip() for t in args.only.split(",")] if args.only else None

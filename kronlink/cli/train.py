@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from kronlink.cli._common import load_split, progress_bar
+from kronlink.cli._common import keep_freed_memory_if_set, load_split, progress_bar
 from kronlink.errors import KronlinkError
 from kronlink.penalties import PENALTY_METHODS, PenaltyMethod
 
@@ -32,6 +32,8 @@ def _build_model(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from kronlink.training import TrainConfig, train
+
+    keep_freed_memory_if_set()
 
     task, train_q = load_split(args.task, "train", args.limit, args.seed)
     dev_limit = (

@@ -132,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
     # retrieval prior and the gate's retriever floor are fitted with the
     # retriever that serving will use, as the worker's job does.
     settings = Settings()
+    if settings.keep_freed_memory:
+        from kronlink._malloc import keep_freed_memory
+
+        keep_freed_memory()
     task = _limited(load_task(args.task), args.limit, args.dev_limit, args.seed)
     # With KRONLINK_RETRIEVER_TUNE, the query tower is tuned first (the
     # worker's order); the prior and the floor are fitted with the tower the

@@ -32,7 +32,7 @@ import torch
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.schema import Query
 from kronlink.errors import ConfigError
-from kronlink.penalties import build_penalty
+from kronlink.penalties import build_penalty, predicted_forgetting
 from kronlink.retrieval.dense import DenseIndex
 from kronlink.retrieval.tower import QueryTower, TuneConfig, TuneResult, tune
 
@@ -63,6 +63,9 @@ class RetrieverUpdate:
     lam: float
     prior_tasks: int
     seconds: dict[str, float]
+    # ½ Ω_i of each prior at the kept tower: the data-free forecast of how
+    # much each earlier task's retrieval loss rose (nats a mention)
+    predicted_forgetting: list[float] = field(default_factory=list)
     tuned_k: int = 10  # the dev metric: dense recall@tuned_k
 
     def summary(self) -> dict:
@@ -80,6 +83,7 @@ class RetrieverUpdate:
             "penalty": self.penalty,
             "lambda": self.lam,
             "prior_tasks": self.prior_tasks,
+            "predicted_forgetting": self.predicted_forgetting,
             "seconds": self.seconds,
         }
 
@@ -112,6 +116,8 @@ def learn_retriever_task(
         should_stop=should_stop,
     )
     t1 = time.perf_counter()
+    with torch.no_grad():
+        forecast = predicted_forgetting(tower, list(priors)) if priors else []
     usable = [q for q in train if (q.gold or "") in tower._position]
     picked = random.Random(cfg.tune.seed).sample(usable, min(cfg.curvature_queries, len(usable)))
     batches = [
@@ -140,4 +146,5 @@ def learn_retriever_task(
         prior_tasks=len(priors),
         seconds={"tune": round(t1 - t0, 1), "curvature": round(time.perf_counter() - t1, 1)},
         tuned_k=cfg.tune.eval_k,
+        predicted_forgetting=[round(f, 6) for f in forecast],
     )

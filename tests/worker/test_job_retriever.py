@@ -126,6 +126,9 @@ def test_the_job_tunes_stores_carries_and_serves_the_retriever(tuned: JobContext
     assert r2["lambda"] == tuned.settings.retriever_lambda
     assert r2["dev_recall_after"] >= r2["dev_recall_before"] + 0.25, r2
     assert r2["last_penalty"] > 0.0, r2  # alpha's state is in the loss
+    # the forecast of alpha's retrieval loss rise: ½ Ω at the kept tower, which moved
+    assert list(r2["predicted_forgetting"]) == ["alpha"] and r2["predicted_forgetting"]["alpha"] > 0
+    assert r1["predicted_forgetting"] == {}
     by_task = {s.task_id: s for s in states2}
     assert len(by_task) == 2 and all(s.tower is not None for s in states2)
     assert states1[0].tower in [s.tower for s in states2]  # alpha's state carried, not copied
