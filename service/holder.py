@@ -183,11 +183,10 @@ def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> Loa
         retrieval_prior=retrieval_prior_of(version),
         query_encoder=tower.query_encoder(batch_size=64) if tower is not None else None,
     )
+    # first-call costs (allocator, lazy init) are paid here, not by a request
     model.score(_WARM_QUERIES)
     if model.query_encoder is not None:
-        model.query_encoder.encode(
-            [q.mention for q in _WARM_QUERIES]
-        )  # first-call costs (allocator, lazy init) are paid here
+        model.query_encoder.encode([q.mention for q in _WARM_QUERIES])
     return model
 
 

@@ -2,17 +2,19 @@
 one object that keeps what the later steps need.
 
     steps = UpdateSteps(run, scratch)
-    steps.validate(); steps.load(); steps.update(); steps.write()
+    steps.validate(); steps.load(); steps.tune_retriever(); steps.candidates()
+    steps.update(); steps.write()
     ...  # then, in the commit transaction:
     ending = steps.commit(session)
 
 ``write`` stores the model, the new task's curvature state and a new
-ontology's concepts; with ``retriever_tune`` (fused mode), ``tune_retriever``
-first fine-tunes the retriever's query tower (kronlink/retrieval/learn.py)
+ontology's concepts. With ``retriever_tune`` (fused mode), ``tune_retriever``
+first fine-tunes the retriever's query tower (kronlink/retrieval/learn.py),
 and ``write`` stores it in the version's folder (``tower/``) and its task
-state beside the ranker's. A version whose parent has a tower carries it
-forward unchanged when this job does not tune it; :meth:`UpdateSteps.write_extra_artifacts` is the place
-for further artifacts a version carries (indexes built by the worker): each
+state beside the ranker's; a version whose parent has a tower carries it
+forward unchanged when this job does not tune it.
+:meth:`UpdateSteps.write_extra_artifacts` is the place for further
+artifacts a version carries (indexes built by the worker): each
 goes through :meth:`UpdateSteps.put`, so a failed job removes it like the
 others, and the commit reads it from ``self.extra``.
 """
