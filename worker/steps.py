@@ -226,25 +226,14 @@ class UpdateSteps:
         if not settings.retriever_tune:
             return
         from kronlink.retrieval.learn import RetrieverLearnConfig, learn_retriever_task
-        from kronlink.retrieval.tower import QueryTower, TuneConfig
+        from kronlink.retrieval.tower import QueryTower
         from kronlink.update import UpdateProgress
 
         run = self.run
         run.check()
         base = self.task_retriever()
         tower = self.tower if self.tower is not None else QueryTower.build()
-        config = RetrieverLearnConfig(
-            tune=TuneConfig(
-                epochs=settings.retriever_epochs,
-                lr=settings.retriever_lr,
-                max_train=settings.retriever_max_train,
-                seed=self.train.seed,
-                eval_k=settings.retriever_eval_k,
-            ),
-            penalty=settings.retriever_penalty,
-            lam=settings.retriever_lambda,
-            curvature_queries=settings.retriever_curvature_queries,
-        )
+        config = RetrieverLearnConfig.from_settings(settings, seed=self.train.seed)
 
         def progress(e: dict) -> None:
             run.on_progress(

@@ -92,7 +92,7 @@ def _tune_tower(args: argparse.Namespace, settings, task, retriever):
     settings ask for it; the parent's tower as it is otherwise (None: none)."""
     from kronlink.curvature import TaskState
     from kronlink.retrieval.learn import RetrieverLearnConfig, learn_retriever_task
-    from kronlink.retrieval.tower import TOWER_DIR, QueryTower, TuneConfig
+    from kronlink.retrieval.tower import TOWER_DIR, QueryTower
 
     folder = Path(args.model) / TOWER_DIR
     tower = QueryTower.load(folder) if folder.is_dir() else None
@@ -102,18 +102,7 @@ def _tune_tower(args: argparse.Namespace, settings, task, retriever):
         return tower, None
     tower = tower or QueryTower.build()
     priors = [TaskState.load(p, model=tower) for p in args.retriever_prior]
-    config = RetrieverLearnConfig(
-        tune=TuneConfig(
-            epochs=settings.retriever_epochs,
-            lr=settings.retriever_lr,
-            max_train=settings.retriever_max_train,
-            seed=args.seed,
-            eval_k=settings.retriever_eval_k,
-        ),
-        penalty=settings.retriever_penalty,
-        lam=settings.retriever_lambda,
-        curvature_queries=settings.retriever_curvature_queries,
-    )
+    config = RetrieverLearnConfig.from_settings(settings, seed=args.seed)
     train = [q for q in task.queries if q.split in (None, "train")]
     update = learn_retriever_task(tower, retriever.dense, train, task.split("dev"), priors, config)
     return update.tower, update

@@ -47,6 +47,24 @@ class RetrieverLearnConfig:
     curvature_queries: int = 1024
     curvature_batch: int = 32
 
+    @classmethod
+    def from_settings(cls, settings: object, seed: int = 0) -> RetrieverLearnConfig:
+        """The ``retriever_*`` settings (kronlink.settings), as the worker's job
+        and ``kronlink update`` both read them."""
+        s = settings
+        return cls(
+            tune=TuneConfig(
+                epochs=s.retriever_epochs,
+                lr=s.retriever_lr,
+                max_train=s.retriever_max_train,
+                seed=seed,
+                eval_k=s.retriever_eval_k,
+            ),
+            penalty=s.retriever_penalty,
+            lam=s.retriever_lambda,
+            curvature_queries=s.retriever_curvature_queries,
+        )
+
     def __post_init__(self) -> None:
         if self.lam < 0:
             raise ConfigError(f"the retriever's λ must be >= 0, got {self.lam}")
