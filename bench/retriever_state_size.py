@@ -2,8 +2,8 @@
 (``TaskState.save`` in fp32 and bf16, the job's ``state_dtype``) and the tuned
 tower a version carries (``QueryTower.save``).
 
-    python bench/tower_state_size.py [--json results/retrieval/tower_state_size.json]
-    python bench/tower_state_size.py --table results/retrieval/tower_state_size.json
+    python bench/retriever_state_size.py [--json results/retrieval/retriever_state_size.json]
+    python bench/retriever_state_size.py --table results/retrieval/retriever_state_size.json
 
 The sizes depend on the shapes (6-layer, 384-wide MiniLM), not on the data, so
 a small synthetic bank and 32 mentions are enough: ``learn_retriever_task`` as
@@ -65,7 +65,7 @@ def table(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, default=Path("results/retrieval/tower_state_size.json"))
+    p.add_argument("--json", type=Path, default=Path("results/retrieval/retriever_state_size.json"))
     p.add_argument("--table", type=Path, help="print the table of a record and exit")
     a = p.parse_args(argv)
     if a.table:
