@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     fusion_w_bm25: float = Field(default=0.25, ge=0)
     fusion_rrf_k: float = Field(default=10.0, gt=0)
     fusion_depth: int = Field(default=100, ge=1)  # each list's top read into the fusion
+    # Failing an exact name, an acronym the ontology spells out ("COPD") or the
+    # one concept with the mention's loose key ("kidney stones" = "Stone in
+    # kidney") counts as exact (Retriever.match; bench/mention_variants.py
+    # measures it on held-out mentions). False: exact names only.
+    retriever_variants: bool = True
     # An exact or normalised-name (or stored-synonym) match ranks first unless the
     # model scores another candidate more than this many nats (logits) higher
     # (kronlink/ranking.py; issue 12 item 3). Serving and the update job's

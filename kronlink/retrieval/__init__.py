@@ -53,8 +53,9 @@ def retriever_for(
     here (minutes at ICD-10-CM size on 2 CPU cores) and logged.
     """
     mode = mode or getattr(settings, "retriever_mode", "bm25")
+    variants = getattr(settings, "retriever_variants", True)
     if mode == "bm25":
-        return Retriever(concepts, mode="bm25")
+        return Retriever(concepts, mode="bm25", variants=variants)
     encoder = shared_encoder()
     dense = None
     if folder is not None and (Path(folder) / META_FILE).is_file():
@@ -75,6 +76,7 @@ def retriever_for(
         w_bm25=getattr(settings, "fusion_w_bm25", 0.25),
         rrf_k=getattr(settings, "fusion_rrf_k", 10.0),
         depth=getattr(settings, "fusion_depth", 100),
+        variants=variants,
     )
 
 

@@ -8,7 +8,11 @@ Order of a result list:
 1. exact and normalised-name matches (the mention equals a concept's name or
    stored synonym after :func:`normalize`, or the name without ICD-10-CM's
    trailing ", unspecified": :func:`name_keys`), always included, in ontology
-   order; a clinician typing "Asthma" must get Asthma among the candidates;
+   order; a clinician typing "Asthma" must get Asthma among the candidates.
+   Failing those, and only when ``variants`` is on (the default), an
+   acronym the ontology spells out ("COPD": :func:`acronym_expansions`) whose
+   long form is a name, or else the one concept sharing the mention's
+   :func:`loose_keys` ("kidney stones" = "Stone in kidney"); see :meth:`match`;
 2. then, in ``mode="bm25"``, BM25's ranking (the project's CandidateIndex);
    in ``mode="fused"``, weighted reciprocal-rank fusion of BM25's and the
    dense index's top ``depth``:
@@ -24,20 +28,22 @@ exact matches get ``inf`` so a caller sorting by score keeps them first.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 
-from kronlink.data._text import name_keys, normalize
+from kronlink.data._text import acronym_expansions, loose_key, loose_keys, name_keys, normalize
 from kronlink.data.candidates import CandidateIndex
 from kronlink.data.schema import Concept
 from kronlink.retrieval.dense import DenseIndex, Encoder
 
-__all__ = ["Mode", "Retriever"]
+__all__ = ["MatchKind", "Mode", "Retriever"]
 
 Mode = Literal["bm25", "fused"]
+MatchKind = Literal["exact", "acronym", "loose", ""]
 
 
 class Retriever:
@@ -55,6 +61,7 @@ class Retriever:
         rrf_k: float = 10.0,
         depth: int = 100,
         bm25: CandidateIndex | None = None,
+        variants: bool = True,
     ) -> None:
         if mode not in ("bm25", "fused"):
             raise ValueError(f"expected mode 'bm25' or 'fused', got {mode!r}")
@@ -77,6 +84,8 @@ class Retriever:
             for key in set().union(*(name_keys(t) for t in (c.name, *c.synonyms))):
                 exact[key].append(i)
         self._exact = {k: sorted(v) for k, v in exact.items()}
+        self.variants = variants
+        self._acronyms, self._loose, self._words = _variant_tables(self.concepts, self._exact)
 
     def with_encoder(self, encoder: Encoder) -> Retriever:
         """The same indexes and fusion, mentions encoded by ``encoder`` (a
@@ -94,14 +103,39 @@ class Retriever:
             rrf_k=self.rrf_k,
             depth=self.depth,
             bm25=self.bm25,
+            variants=self.variants,
         )
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def exact(self, mention: str) -> list[int]:
-        """Positions of the concepts whose name or synonym equals the mention."""
-        return self._exact.get(normalize(mention), [])
+        """Positions of the concepts the mention names: :meth:`match`'s."""
+        return self.match(mention)[1]
+
+    def match(self, mention: str) -> tuple[MatchKind, list[int]]:
+        """How the mention names concepts, and their positions (ontology order).
+
+        - ``"exact"``: it equals a name or stored synonym (:func:`name_keys`);
+        - ``"acronym"``: it is an acronym the ontology spells out whose long
+          form is an exact key ("COPD" -> "Chronic obstructive pulmonary
+          disease, unspecified"); typed in lower case only when the acronym is
+          no word of the ontology's own ("copd", never "iris" or "all");
+        - ``"loose"``: the one concept sharing its :func:`loose_keys`
+          ("kidney stones" -> "Stone in kidney"); a loose key shared by two
+          concepts ("left to right shunt", "right to left shunt") matches none;
+        - ``""``: none of these.
+
+        Measured on held-out mentions by bench/mention_variants.py."""
+        key = normalize(mention)
+        hit = self._exact.get(key)
+        if hit or not self.variants:
+            return ("exact", hit) if hit else ("", [])
+        hit = self._acronyms.get(key)
+        if hit and (mention.strip().isupper() or key not in self._words):
+            return "acronym", hit
+        hit = self._loose.get(loose_key(mention))
+        return ("loose", hit) if hit else ("", [])
 
     def search(
         self, mentions: Sequence[str], k: int, *, query_vectors: np.ndarray | None = None
@@ -152,3 +186,31 @@ class Retriever:
             key=lambda t: (-t[1], pos[t[0]]),
         )
         return ranked
+
+
+def _variant_tables(
+    concepts: Sequence[Concept], exact: dict[str, list[int]]
+) -> tuple[dict[str, list[int]], dict[str, list[int]], frozenset[str]]:
+    """Acronym -> positions, loose key -> position, and the lower-case words
+    the ontology writes (an acronym spelled like one must be typed in capitals).
+
+    An acronym is kept only when all its long forms that are exact keys name
+    the same concepts: "GI" spelled out as three different findings is left
+    to the ranker."""
+    texts = [(c.name, *c.synonyms) for c in concepts]
+    acronyms: dict[str, list[int]] = {}
+    for acronym, forms in acronym_expansions(texts).items():
+        if acronym in exact:
+            continue
+        targets = {tuple(exact[f]) for f in forms if f in exact}
+        if len(targets) == 1:
+            acronyms[acronym] = list(targets.pop())
+    loose: dict[str, set[int]] = defaultdict(set)
+    words: set[str] = set()
+    for i, ts in enumerate(texts):
+        for t in ts:
+            words.update(w for w in re.findall(r"[^\W\d_]+", t) if w.islower())
+            for key in loose_keys(t):
+                loose[key].add(i)
+    unique = {k: [next(iter(v))] for k, v in loose.items() if len(v) == 1}
+    return acronyms, unique, frozenset(words)
