@@ -11,8 +11,8 @@ ontology searched is the one the full task stores, the concepts minus every
 query string (``without_query_strings``), so no mention matches its own copy.
 A match is "right" when the gold is among the concepts it names, "only" when
 it names the gold alone. The clinical list (tests/clinical_mentions.py) is
-matched against the ontology as the demo stores it (the first 800 mentions
-are queries, the rest stay synonyms). Not a timing: no lock needed.
+matched against the ontology as the demo stores it (the first 1,000 source
+mentions, ``kronlink.cli.demo.SUBSET``, give its queries; the rest stay synonyms). Not a timing: no lock needed.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from clinical_mentions import LISTS, accepted
 
 from kronlink.data.builders.hpo import hpo_obo_path, parse_hpo
 from kronlink.data.builders.icd10cm import icd10cm_tabular_path, parse_icd10cm
+from kronlink.cli.demo import SUBSET as DEMO_LIMIT
 from kronlink.data.splits import filter_mentions, without_query_strings
 from kronlink.retrieval import Retriever
 
 KINDS = ("exact", "acronym", "loose")
-DEMO_LIMIT = 800  # kronlink demo's queries per task (kronlink/cli/demo.py)
 
 
 def _sources() -> dict[str, tuple[list, list]]:
@@ -67,7 +67,8 @@ def measure(name: str, concepts: list, mentions: list, examples: int = 15) -> di
         if len(bucket[kind]) < examples:
             names = [retriever.concepts[i].name for i in positions[:3]]
             bucket[kind].append([q.mention, q.gold, ids[:3], names])
-    demo_ontology = without_query_strings(concepts, mentions[:DEMO_LIMIT])
+    demo_queries, _ = filter_mentions(mentions[:DEMO_LIMIT], concepts, dedupe=True)
+    demo_ontology = without_query_strings(concepts, demo_queries)
     demo = Retriever(demo_ontology)
     clinical = []
     for mention, answers in LISTS[name].items():
