@@ -21,7 +21,7 @@ import contextlib
 import ctypes
 import logging
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "kept"]
 
 log = logging.getLogger(__name__)
 
@@ -45,4 +45,10 @@ def keep_freed_memory() -> bool:
         )
     if _DONE:
         log.info("malloc keeps freed memory (no trimming, no mmap for large blocks)")
+    return _DONE
+
+
+def kept() -> bool:
+    """Whether this process already keeps freed memory (a spawned child does
+    not inherit ``mallopt``; the experiment runner passes this on)."""
     return _DONE

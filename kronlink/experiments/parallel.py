@@ -45,13 +45,18 @@ def _worker(
     end: float | None,
     threads: int,
     conn: Connection,
+    keep_freed: bool = False,
 ) -> None:
     import torch
 
     from kronlink.experiments.driver import run_experiment
 
+    if keep_freed:
+        from kronlink._malloc import keep_freed_memory
+
+        keep_freed = keep_freed_memory()
     torch.set_num_threads(threads)
-    conn.send(("event", f"started (pid {os.getpid()}, {threads} thread(s))"))
+    conn.send(("event", _started(threads, keep_freed)))
     # The deadline is wall-clock: a spawned worker starts seconds after its parent.
     left = None if end is None else max(0.0, end - time.time())
     res = run_experiment(
@@ -59,6 +64,11 @@ def _worker(
     )
     conn.send(("event", f"finished: ran {res.ran}, complete {res.complete}"))
     conn.close()
+
+
+def _started(threads: int, keep_freed: bool) -> str:
+    kept = ", freed memory kept" if keep_freed else ""
+    return f"started (pid {os.getpid()}, {threads} thread(s){kept})"
 
 
 def _forward(
@@ -98,6 +108,7 @@ def run_side_by_side(
     during the call, counted from the store (a killed worker reports nothing)."""
     import torch
 
+    from kronlink._malloc import kept
     from kronlink.experiments.driver import _Protocol
 
     walk: dict[str, Any] = {"tiers": tiers, "rankers": rankers, "seeds": seeds}
@@ -117,7 +128,11 @@ def run_side_by_side(
         recv, send = ctx.Pipe(duplex=False)
         options = {**walk, "guess_seconds": guess_seconds}
         proc = ctx.Process(
-            target=_worker, args=(cfg, options, end, per_worker, send), name=f"kronlink-w{i}"
+            # mallopt is per process and a spawned child starts afresh: the
+            # workers keep freed memory exactly when this process does.
+            target=_worker,
+            args=(cfg, options, end, per_worker, send, kept()),
+            name=f"kronlink-w{i}",
         )
         proc.start()
         send.close()
@@ -129,7 +144,7 @@ def run_side_by_side(
     own = torch.get_num_threads()
     torch.set_num_threads(per_worker)
     try:
-        emit(f"w1: started (pid {os.getpid()}, {per_worker} thread(s))")
+        emit(f"w1: {_started(per_worker, kept())}")
         proto = _Protocol(
             cfg,
             execute=True,

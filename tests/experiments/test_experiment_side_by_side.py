@@ -169,11 +169,38 @@ def test_workers_flag_stores_what_one_process_does(reference) -> None:
     assert summary["workers"] == 2 and summary["ran"] == RUNS and summary["complete"]
     # Progress names the worker of every run it started and finished.
     lines = proc.stderr.splitlines()
-    assert any("] w1: started (pid" in line for line in lines)
+    # KRONLINK_KEEP_FREED_MEMORY is on by default
+    assert any("] w1: started (pid" in line and "freed memory kept" in line for line in lines)
     running = [line for line in lines if ": running tier" in line]
     assert len(running) == RUNS
     assert all(line.split("] ", 1)[1][:4] in ("w1: ", "w2: ") for line in running)
     assert _numbers(root / "cli") == numbers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_spawned_worker_keeps_freed_memory_exactly_when_told(tmp_path: Path, keep: bool) -> None:
+    # mallopt is per process and a spawned child starts afresh; the runner
+    # tells its workers (parallel._worker) what the parent does. The child's
+    # first report says what glibc took there.
+    from kronlink.experiments.parallel import _worker
+
+    cfg = load_config(_config(tmp_path, "spawned"))
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(cfg, {}, None, 1, send, keep))
+    proc.start()
+    send.close()
+    first = recv.recv()
+    events = [first[1]]
+    with pytest.raises(EOFError):
+        while True:
+            events.append(recv.recv()[1])
+    proc.join(120)
+    assert proc.exitcode == 0
+    assert first[1].startswith("started (pid ")
+    assert ("freed memory kept" in first[1]) is keep
+    assert events[-1].startswith("finished: ran ")
 
 
 def _read_until(proc: subprocess.Popen, done, timeout: float) -> list[str]:
