@@ -111,8 +111,11 @@ def rank_items(
     ``exact_margin``: the exact-name prior (kronlink.ranking); a generated
     candidate also counts as exact when the retriever matched a stored synonym.
     Generated candidates arrive in the retriever's order, so the version's
-    retrieval prior (kronlink.retrieval_prior) applies to them; a caller's own
-    candidates get none (their order is the caller's, not a retriever's).
+    retrieval prior (kronlink.retrieval_prior) for their ontology applies to
+    them; a caller's own candidates get none (their order is the caller's,
+    not a retriever's). The confidence is the calibration of the answer's
+    ontology (``LoadedModel.calibrator_for``: fitted on that ontology's task,
+    carried from the version that learned it).
     ``no_match_below``: an answer whose calibrated confidence (over all its
     candidates, before ``top_k``) is below it is marked ``no_match``; 0 never.
     The decision is made here, where scores become answers, so every path
@@ -149,19 +152,35 @@ def rank_items(
         )
         for it, c in zip(items, cands, strict=True)
     ]
-    scored: list[tuple[list[float], list[float]]] = []
-    for start in range(0, len(queries), max_size):
-        scored.extend(
-            model.score(
-                queries[start : start + max_size],
-                exact_margin=exact_margin,
-                exact_ids=exact_ids[start : start + max_size],
-                retrieval_ranks=ranks[start : start + max_size],
-            )
-        )
+    # Each ontology's queries are scored with its own retrieval prior (a
+    # caller's own candidates get none: their ranks are None), so a batch
+    # mixing ontologies takes one model call per ontology.
+    onto = [
+        it.index.info.name if it.index is not None and it.candidates is None else None
+        for it in items
+    ]
+    scored: list[tuple[list[float], list[float]] | None] = [None] * len(queries)
+    for name in dict.fromkeys(onto):
+        group = [i for i, o in enumerate(onto) if o == name]
+        for start in range(0, len(group), max_size):
+            chunk = group[start : start + max_size]
+            for i, row in zip(
+                chunk,
+                model.score(
+                    [queries[i] for i in chunk],
+                    exact_margin=exact_margin,
+                    exact_ids=[exact_ids[i] for i in chunk],
+                    retrieval_ranks=[ranks[i] for i in chunk],
+                    ontology=name,
+                ),
+                strict=True,
+            ):
+                scored[i] = row
     out: list[Ranked] = []
-    cal = model.calibrator
-    for i, (it, q, (scores, probs)) in enumerate(zip(items, queries, scored, strict=True)):
+    for i, (it, q, row) in enumerate(zip(items, queries, scored, strict=True)):
+        assert row is not None
+        scores, probs = row
+        cal = model.calibrator_for(onto[i])
         order = sorted(range(len(scores)), key=lambda j: -scores[j])
         # the calibration is of the model's top over all k candidates, as on dev
         confidence = cal.top_probability(scores) if cal is not None else None

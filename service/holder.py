@@ -27,8 +27,8 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,6 +48,7 @@ __all__ = [
     "LoadFailure",
     "LoadedModel",
     "ModelHolder",
+    "by_ontology_of",
     "calibrator_of",
     "load_version",
     "retrieval_prior_of",
@@ -81,6 +82,26 @@ class LoadedModel:
     # the version's tuned query tower as a retriever encoder (its folder's
     # ``tower/``, kronlink.retrieval.learn); None: the shipped encoder serves
     query_encoder: QueryEncoder | None = None
+    # per ontology, the calibration and retrieval prior fitted on that
+    # ontology's task (metrics["by_ontology"]): an earlier task's are carried
+    # from the version that learned it. An ontology not in it (a version from
+    # before these records) gets the version's own, as before.
+    by_ontology: Mapping[str, tuple[Calibrator | None, RetrievalPrior | None]] = field(
+        default_factory=dict
+    )
+
+    def calibrator_for(self, ontology: str | None) -> Calibrator | None:
+        """The calibration answers on ``ontology`` get (None: a caller's own
+        candidates, or an ontology without its own: the version's)."""
+        if ontology is not None and ontology in self.by_ontology:
+            return self.by_ontology[ontology][0]
+        return self.calibrator
+
+    def retrieval_prior_for(self, ontology: str | None) -> RetrievalPrior | None:
+        """The retrieval prior candidates generated from ``ontology`` get."""
+        if ontology is not None and ontology in self.by_ontology:
+            return self.by_ontology[ontology][1]
+        return self.retrieval_prior
 
     def score(
         self,
@@ -89,6 +110,7 @@ class LoadedModel:
         exact_margin: float = 0.0,
         exact_ids: Sequence[Collection[str] | None] | None = None,
         retrieval_ranks: Sequence[Sequence[int] | None] | None = None,
+        ontology: str | None = None,
     ) -> list[tuple[list[float], list[float]]]:
         """Per query, (scores, probabilities) of its candidates in input order.
 
@@ -105,7 +127,7 @@ class LoadedModel:
                 queries,
                 exact_margin=exact_margin,
                 exact_ids=exact_ids,
-                retrieval_prior=self.retrieval_prior,
+                retrieval_prior=self.retrieval_prior_for(ontology),
                 retrieval_ranks=retrieval_ranks,
             )
             probs = masked_log_softmax(scores, batch.candidate_mask).exp()
@@ -162,6 +184,36 @@ def retrieval_prior_of(version: VersionInfo) -> RetrievalPrior | None:
         return None
 
 
+def by_ontology_of(
+    version: VersionInfo,
+) -> dict[str, tuple[Calibrator | None, RetrievalPrior | None]]:
+    """Per ontology the calibration and retrieval prior its answers get
+    (metrics["by_ontology"], written by the worker's job); an unreadable
+    entry serves without either (logged), as the version's own would."""
+    out: dict[str, tuple[Calibrator | None, RetrievalPrior | None]] = {}
+    records = (version.metrics or {}).get("by_ontology")
+    if not isinstance(records, dict):
+        return out
+    for name, rec in records.items():
+        try:
+            cal = rec.get("calibration")
+            prior = rec.get("retrieval_prior")
+            out[name] = (
+                Calibrator.from_dict(cal) if cal is not None else None,
+                RetrievalPrior.from_dict(prior) if prior is not None else None,
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning(
+                "version %s (id %s): unreadable calibration or prior of %s, serving it without: %s",
+                version.number,
+                version.id,
+                name,
+                exc,
+            )
+            out[name] = (None, None)
+    return out
+
+
 def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> LoadedModel:
     """Fetch a version's model folder (checksum verified), load it and warm it up."""
     art = version.artifact
@@ -181,6 +233,7 @@ def load_version(store: ArtifactStore, version: VersionInfo, device: str) -> Loa
         ranker=ranker,
         calibrator=calibrator_of(version),
         retrieval_prior=retrieval_prior_of(version),
+        by_ontology=by_ontology_of(version),
         query_encoder=tower.query_encoder(batch_size=64) if tower is not None else None,
     )
     # first-call costs (allocator, lazy init) are paid here, not by a request

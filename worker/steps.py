@@ -74,6 +74,7 @@ class UpdateSteps:
     priors: list[Any] = field(default_factory=list)
     method: str = "none"
     new_ontology: bool = False  # its concepts file is stored with this version
+    parent_ontology: str | None = None  # the ontology of the task the parent learned
     retriever: Any = None  # kronlink.retrieval.Retriever, when this job built one
     tower: Any = None  # kronlink.retrieval.tower.QueryTower: the parent's, or tuned here
     tower_priors: list[Any] = field(default_factory=list)  # earlier tasks' tower states
@@ -176,6 +177,11 @@ class UpdateSteps:
                 if self.parent is not None:
                     self.prior_rows = list_task_states(s, self.parent.id)
                 self.prior_names = [get_task(s, r.task_id).name for r in self.prior_rows]
+                if self.parent is not None and self.parent.task_id is not None:
+                    # the parent's own ontology, for a parent whose metrics
+                    # predate "by_ontology" (see by_ontology)
+                    task = get_task(s, self.parent.task_id)
+                    self.parent_ontology = get_ontology(s, task.ontology_id).name
                 # read now: the steps after this one need no database until the commit
                 known = {o.name for o in list_ontologies(s)}
             self.new_ontology = self.ontology_name not in known
@@ -396,6 +402,30 @@ class UpdateSteps:
         discard(self.run.ctx.store, self.written)
 
     # -- commit ------------------------------------------------------------------
+    def by_ontology(self, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The parent's per-ontology records with this task's ontology's
+        replaced by what this job fitted. A parent from before these records
+        gives its own task's ontology its calibration and retrieval prior."""
+        out: dict[str, dict[str, Any]] = {}
+        if self.parent is not None:
+            pm = self.parent.metrics or {}
+            if isinstance(pm.get("by_ontology"), dict):
+                for name, rec in pm["by_ontology"].items():
+                    fitted = rec.get("fitted_by_version") or self.parent.number
+                    out[name] = {**rec, "fitted_by_version": fitted}
+            elif self.parent_ontology is not None:
+                out[self.parent_ontology] = {
+                    "calibration": pm.get("calibration"),
+                    "retrieval_prior": pm.get("retrieval_prior"),
+                    "fitted_by_version": self.parent.number,
+                }
+        out[self.ontology_name] = {
+            "calibration": summary.get("calibration"),
+            "retrieval_prior": summary.get("retrieval_prior"),
+            "fitted_by_version": None,  # this version: its number is given at commit
+        }
+        return out
+
     def metrics(self) -> dict[str, Any]:
         """What the version records of how it did: counts and scores, no data."""
         summary = self.result.summary()
@@ -411,6 +441,13 @@ class UpdateSteps:
             ),
             "selection": summary["selection"],
             "timings": summary["timings"],
+            # the ontology this version's task links to (its own calibration
+            # and retrieval prior are fitted there)
+            "ontology": self.ontology_name,
+            # per ontology the calibration and retrieval prior its answers get:
+            # this task's, and each earlier ontology's carried from the version
+            # that fitted it (its data is gone, so it cannot be fitted again)
+            "by_ontology": self.by_ontology(summary),
             # P(top-1 right), fitted on dev; the service reads it from here
             "calibration": summary.get("calibration"),
             # beta * -log(1 + retriever rank), fitted on dev; the service reads it

@@ -488,3 +488,64 @@ def test_an_unreadable_calibration_serves_without_one(caplog) -> None:
     assert calibrator_of(dc_replace(v, metrics={})) is None
     good = calibrator_of(dc_replace(v, metrics=CALIBRATED))
     assert good is not None and good.kind == "temperature" and good.params == {"t": 2.0}
+
+
+def test_each_ontology_is_answered_with_the_calibration_and_prior_fitted_on_it(tmp_path) -> None:
+    """A version that learned "toy2" after "toy" serves "toy" with the
+    calibration and retrieval prior carried from the version that learned toy
+    (metrics["by_ontology"], as the worker writes it), not with toy2's."""
+    import math
+
+    # two candidates a query, both sharing words with the mention below, so
+    # every candidate the calibration sees is served and the test can redo it
+    reg = make_registry(service_settings(tmp_path, bm25_candidates=2))
+    register_version(reg.factory, reg.store, seed=1)  # learned "toy"
+    temps = {"toy": 2.0, "toy2": 0.5}
+    metrics = {
+        "test": {"accuracy": 0.5},
+        "ontology": "toy2",
+        "calibration": {"kind": "temperature", "params": {"t": 0.5}, "info": {}},
+        "by_ontology": {
+            "toy": {
+                "calibration": {"kind": "temperature", "params": {"t": 2.0}, "info": {}},
+                "retrieval_prior": {"beta": 1.0},
+                "fitted_by_version": 1,
+            },
+            "toy2": {
+                "calibration": {"kind": "temperature", "params": {"t": 0.5}, "info": {}},
+                "retrieval_prior": None,
+                "fitted_by_version": None,
+            },
+        },
+    }
+    # the same model and concepts under both names: only the records differ
+    v2 = register_version(
+        reg.factory, reg.store, seed=1, task="beta", ontology="toy2", metrics=metrics
+    )
+    try:
+        app = create_app(reg.settings, enqueue=reg.sent.append)
+        with live_server(app) as live, live.client() as c:
+            wait_until(lambda: c.get("/readyz").status_code == 200)
+            mention = "type 2 diabetes"  # two candidates share its words
+            bodies = {
+                o: c.post("/v1/link", json={"mention": mention, "ontology": o}).json()
+                for o in temps
+            }
+            assert {b["model_version"]["id"] for b in bodies.values()} == {v2.id}
+            scores = {o: {x["id"]: x["score"] for x in b["results"]} for o, b in bodies.items()}
+            assert sorted(scores["toy"]) == sorted(scores["toy2"]) == ["D001", "D002"]
+            # toy's prior: beta * -log(1 + retriever rank), ranks 0 and 1
+            gaps = sorted(scores["toy2"][i] - scores["toy"][i] for i in scores["toy"])
+            assert gaps[0] == pytest.approx(0.0, abs=1e-5)  # the first candidate: -log 1
+            assert gaps[1] == pytest.approx(math.log(2), rel=1e-4)
+            for o, t in temps.items():
+                z = [s / t for s in scores[o].values()]
+                conf = 1.0 / sum(math.exp(v - max(z)) for v in z)
+                assert bodies[o]["confidence"] == pytest.approx(conf, rel=1e-6), o
+            # a caller's own candidates: the version's own calibration (toy2's)
+            given = c.post("/v1/link", json={"mention": "t2dm", "candidates": CANDS}).json()
+            z = [x["score"] / 0.5 for x in given["results"]]
+            conf = 1.0 / sum(math.exp(v - max(z)) for v in z)
+            assert given["confidence"] == pytest.approx(conf, rel=1e-6)
+    finally:
+        reg.factory.kw["bind"].dispose()

@@ -60,6 +60,7 @@ def test_bootstrap_then_update_keeps_no_data(ctx: JobContext, settings: Settings
         job = get_job(s, job_id)
         v2 = active_version(s, "main")
         states = list_task_states(s, v2.id)
+        v1 = list_versions(s, "main")[0]
         assert len(list_versions(s, "main")) == 2
     assert job.state == JobState.SUCCEEDED and job.error is None
     assert v2.number == 2 and v2.parent_id is not None and v2.method == "kfc"
@@ -69,6 +70,15 @@ def test_bootstrap_then_update_keeps_no_data(ctx: JobContext, settings: Settings
     # 8 dev queries are too few to calibrate on (at least 10): recorded as None,
     # and the service then serves this version without a confidence
     assert "calibration" in v2.metrics and v2.metrics["calibration"] is None
+    # Per ontology what its answers are served with (service/holder.py): the
+    # new task's as fitted here, alpha's carried from version 1, which fitted it.
+    assert (v1.number, v1.metrics["ontology"], v2.metrics["ontology"]) == (1, "alpha", "beta")
+    by = v2.metrics["by_ontology"]
+    assert set(by) == {"alpha", "beta"}
+    assert by["alpha"] == {**v1.metrics["by_ontology"]["alpha"], "fitted_by_version": 1}
+    assert by["alpha"]["retrieval_prior"] == v1.metrics["retrieval_prior"] is not None
+    assert by["beta"]["retrieval_prior"] == v2.metrics["retrieval_prior"] is not None
+    assert by["beta"]["fitted_by_version"] is None  # this version
     assert len(states) == 2
     for st in states:
         ctx.store.verify(ctx.store.key_of(st.artifact.uri), st.artifact.sha256)
@@ -78,6 +88,33 @@ def test_bootstrap_then_update_keeps_no_data(ctx: JobContext, settings: Settings
     assert grep_tree(Path(settings.artifact_url), plant.encode()) == []
     db_files = list(settings.data_path.glob("kronlink.db*"))
     assert db_files and all(plant.encode() not in p.read_bytes() for p in db_files)
+
+
+def test_a_parent_from_before_per_ontology_records_hands_on_its_own(ctx: JobContext) -> None:
+    """A version registered before metrics["by_ontology"] existed: the next
+    version carries its calibration and retrieval prior for its task's
+    ontology (found from its task), so answers there keep what was fitted there."""
+    from kronlink.registry.models import ModelVersion
+
+    bootstrap(ctx)
+    with ctx.factory.begin() as s:
+        row = s.get(ModelVersion, active_version(s, "main").id)
+        row.metrics = {k: v for k, v in row.metrics.items() if k not in ("by_ontology", "ontology")}
+    with ctx.factory.begin() as s:
+        old = active_version(s, "main")
+    staged_id = stage(ctx.settings, make_task("beta", 2))
+    assert run_job(ctx, submit(ctx, "beta", staged_id, method="kfc", lambdas=10.0)) == (
+        Outcome.SUCCEEDED
+    )
+    with ctx.factory.begin() as s:
+        v2 = active_version(s, "main")
+    assert "by_ontology" not in old.metrics
+    assert v2.metrics["by_ontology"]["alpha"] == {
+        "calibration": old.metrics["calibration"],
+        "retrieval_prior": old.metrics["retrieval_prior"],
+        "fitted_by_version": 1,
+    }
+    assert set(v2.metrics["by_ontology"]) == {"alpha", "beta"}
 
 
 def test_malformed_dataset_fails_and_changes_nothing(ctx: JobContext, settings: Settings) -> None:
