@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/nodeps.txt re
 	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	touch $(STAMP)
 
-# The README's first command (kronlink/cli/demo.py): build the ICD-10-CM and HPO tasks (800
-# queries each), start the service and worker on the embedded default under $(DEMO_DIR)/data,
+# The README's first command (kronlink/cli/demo.py): build the ICD-10-CM and HPO tasks (1,000
+# source mentions each), start the service and worker on the embedded default under $(DEMO_DIR)/data,
 # learn ICD-10-CM (version 1) and then HPO (a KFC update) through the HTTP API, and print the
 # dashboard URL and a curl for /v1/link; the service keeps running until Ctrl-C. Safe to
 # re-run. DEMO_ARGS=--full: the whole tasks (a GPU is advised); --exit: stop when done.

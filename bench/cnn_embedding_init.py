@@ -7,14 +7,20 @@ candidate; bench/retrieval_prior.py measures it.)
     python bench/cnn_embedding_init.py results/clinical/cnn_embedding_init.json \\
         --task icd10cm=DEMO/tasks/icd10cm --task hpo=DEMO/tasks/hpo --seeds 0 1
 
-Training is the demo's (2 epochs, lr 1e-3); each run builds a fresh ranker.
-Not a timing: no lock needed.
+Training is the demo's (lr 1e-3, ``--epochs``, 2 by default); each run builds
+a fresh ranker. Not a timing: no lock needed.
+
+    python bench/cnn_embedding_init.py --table results/clinical/demo_cnn/*.json
+
+re-prints the mean dev and test top-1 over the seeds, per record (epochs),
+task and start.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +40,30 @@ def _pair(text: str) -> tuple[str, str]:
     return name, path
 
 
+def table(paths: list[Path]) -> str:
+    lines = [
+        "| epochs | task | start | seeds | dev top-1 (mean) | test top-1 (mean) | load (1 min) |",
+        "|---:|---|---|---|---:|---:|---|",
+    ]
+    for path in paths:
+        rec = json.loads(path.read_text())
+        load = f"{rec['loadavg_before'][0]}-{rec['loadavg_after'][0]}"
+        for task in dict.fromkeys(r["task"] for r in rec["runs"]):
+            for init in ("random", "encoder"):
+                rs = [r for r in rec["runs"] if r["task"] == task and r["init"] == init]
+                dev = sum(r["dev"] for r in rs) / len(rs)
+                test = sum(r["test"] for r in rs) / len(rs)
+                seeds = ",".join(str(r["seed"]) for r in rs)
+                lines.append(
+                    f"| {rec['epochs']} | {task} | {init} | {seeds} | {dev:.3f} | {test:.3f} | {load} |"
+                )
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":
+        print(table([Path(a) for a in sys.argv[2:]]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out", type=Path)
     p.add_argument("--task", action="append", type=_pair, required=True)
