@@ -107,6 +107,7 @@ class VersionRow:
     baselines: tuple[Baseline, ...] = ()  # the test split's baselines, when recorded
     ranker: str | None = None  # the ranker's kind, when the worker recorded it
     retriever: str | None = None  # what the version's retriever is (_retriever)
+    confidence: str | None = None  # whose calibration each ontology is answered with
 
     @property
     def active(self) -> bool:
@@ -285,6 +286,7 @@ def lineage_view(session: Session, lineage: str) -> LineageView:
                 baselines=_baselines(v),
                 ranker=_ranker(v),
                 retriever=_retriever(v),
+                confidence=_confidence(v),
             )
         )
 
@@ -354,6 +356,26 @@ def _retriever(v: VersionInfo) -> str | None:
     except (KeyError, TypeError, ValueError):
         return f"{mode}, tower tuned"
     return f"{mode}, tower tuned: {change}, {kept} earlier task{'' if kept == 1 else 's'} kept"
+
+
+def _confidence(v: VersionInfo) -> str | None:
+    """Per ontology, whether its answers' confidence is calibrated and which
+    version fitted that calibration ("icd10cm calibrated by v1, hpo
+    calibrated here"). None: recorded before the worker said."""
+    by = v.metrics.get("by_ontology")
+    if not isinstance(by, dict) or not by:
+        return None
+    parts = []
+    for name in sorted(by):
+        rec = by[name]
+        if not isinstance(rec, dict):
+            continue
+        fitted = rec.get("fitted_by_version")
+        who = "here" if fitted is None else f"by v{fitted}"
+        parts.append(
+            f"{name} calibrated {who}" if rec.get("calibration") else f"{name} uncalibrated"
+        )
+    return ", ".join(parts) or None
 
 
 def _baselines(v: VersionInfo) -> tuple[Baseline, ...]:

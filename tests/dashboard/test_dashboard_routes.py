@@ -285,3 +285,31 @@ def test_a_version_card_says_what_its_retriever_is(client, registry, tmp_path) -
         view = lineage_view(s, "towers")
     # a version's stored total counts its retriever state too (123 bytes each)
     assert all(v.state_bytes == 2 * 123 for v in view.versions)
+
+
+def test_a_version_card_says_whose_calibration_each_ontology_gets(client, registry) -> None:
+    from kronlink.registry import ArtifactInfo, create_ontology, create_task, create_version
+
+    cal = {"kind": "temperature", "params": {"t": 2.0}, "info": {}}
+    by = {
+        "icd10cm": {"calibration": cal, "retrieval_prior": None, "fitted_by_version": 1},
+        "hpo": {"calibration": cal, "retrieval_prior": None, "fitted_by_version": None},
+        "toy": {"calibration": None, "retrieval_prior": None, "fitted_by_version": None},
+    }
+    with registry.factory.begin() as s:
+        onto = create_ontology(s, "hpo", source="upload", concept_count=3)
+        task = create_task(s, "hpo", ontology_id=onto.id, sizes={})
+        for n, metrics in enumerate(({"by_ontology": by}, {})):
+            create_version(
+                s,
+                lineage="calibrations",
+                method="none",
+                artifact=ArtifactInfo(f"file:///artifacts/c{n}", "0" * 64, 1),
+                task_id=task.id,
+                metrics=metrics,
+            )
+    html = client.get("/dashboard", params={"lineage": "calibrations"}).text
+    # a version from before the records shows no line
+    assert re.findall(r'<dd class="confidence">([^<]*)</dd>', html) == [
+        "hpo calibrated here, icd10cm calibrated by v1, toy uncalibrated"
+    ]
