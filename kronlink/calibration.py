@@ -139,6 +139,18 @@ class Calibrator:
         p = self.params
         return _sigmoid(p["a"] * log_p1 + p["b"] * margin + p["c"])
 
+    def score_scale(self) -> float:
+        """Raw score units per calibrated nat: ``t`` for temperature scaling,
+        ``1 / a`` for Platt (its slope on the top answer's log-probability
+        plays the inverse temperature's part), 1 for identity or a Platt fit
+        whose slope is not positive. A prior stated in calibrated nats (the
+        exact-name margin) is this many times larger on the model's scores."""
+        if self.kind == "temperature":
+            return float(self.params["t"])
+        if self.kind == "platt" and self.params["a"] > 0:
+            return 1.0 / float(self.params["a"])
+        return 1.0
+
     def many(self, rows: Sequence[Sequence[float]]) -> np.ndarray:
         return np.array([self.top_probability(r) for r in rows], dtype=np.float64)
 

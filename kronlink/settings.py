@@ -108,9 +108,10 @@ class Settings(BaseSettings):
     # measures it on held-out mentions). False: exact names only.
     retriever_variants: bool = True
     # An exact or normalised-name (or stored-synonym) match ranks first unless the
-    # model scores another candidate more than this many nats (logits) higher
-    # (kronlink/ranking.py; issue 12 item 3). Serving and the update job's
-    # evaluation apply it; 0 turns it off (the model alone).
+    # model scores another candidate more than this many nats higher
+    # (kronlink/ranking.py; issue 12 item 3). Serving states it in calibrated
+    # nats (times the calibration's temperature, service/holder.py); the update
+    # job's evaluation adds it raw. 0 turns it off (the model alone).
     exact_margin: float = Field(default=DEFAULT_EXACT_MARGIN, ge=0)
     # /v1/link answers "no_match": true when the served version's calibrated
     # probability that its top answer is right (kronlink/calibration.py, fitted

@@ -116,16 +116,22 @@ class LoadedModel:
 
         Called from the model thread only; one forward pass for all queries.
         ``exact_margin`` and ``exact_ids``: the exact-name prior
-        (kronlink.ranking, the same function evaluation ranks with).
+        (kronlink.ranking, the same function evaluation ranks with), its
+        margin in calibrated nats: times the ontology's calibration's
+        ``score_scale`` on the raw scores (1 without a calibration).
         ``retrieval_ranks``: per query its candidates' positions in the
         retriever's order (None for a caller's own candidates); the version's
         retrieval prior is applied to them.
         """
+        # The exact-name margin is in calibrated nats: a model whose raw scores
+        # dev found t times overconfident needs a t times larger raw margin.
+        cal = self.calibrator_for(ontology)
+        raw_margin = exact_margin * (cal.score_scale() if cal is not None else 1.0)
         with torch.inference_mode():
             scores, batch = rank_scores(
                 self.ranker,
                 queries,
-                exact_margin=exact_margin,
+                exact_margin=raw_margin,
                 exact_ids=exact_ids,
                 retrieval_prior=self.retrieval_prior_for(ontology),
                 retrieval_ranks=retrieval_ranks,

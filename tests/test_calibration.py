@@ -173,3 +173,12 @@ def test_platt_stays_monotone_when_dev_fits_a_negative_slope() -> None:
     assert flat.params["a"] == flat.params["b"] == 0.0
     mean = float(np.mean(~((x[:, 0] > -1) | (x[:, 1] > 2))))
     assert flat.top_probability(rows[0]) == pytest.approx(mean)
+
+
+def test_score_scale_is_raw_units_per_calibrated_nat() -> None:
+    from kronlink.calibration import Calibrator
+
+    assert Calibrator("temperature", {"t": 3.5}).score_scale() == 3.5
+    assert Calibrator("platt", {"a": 0.25, "b": 0.0, "c": -1.0}).score_scale() == 4.0
+    assert Calibrator("platt", {"a": -0.5, "b": 0.0, "c": 0.0}).score_scale() == 1.0
+    assert Calibrator("identity").score_scale() == 1.0

@@ -549,3 +549,36 @@ def test_each_ontology_is_answered_with_the_calibration_and_prior_fitted_on_it(t
             assert given["confidence"] == pytest.approx(conf, rel=1e-6)
     finally:
         reg.factory.kw["bind"].dispose()
+
+
+@pytest.mark.parametrize("t", [0.5, 4.0])
+def test_the_exact_name_margin_is_in_calibrated_nats(tmp_path, t: float) -> None:
+    """A model dev found t times overconfident (temperature t) gets a t times
+    larger raw margin for an exact name; the same model without a
+    calibration gets the margin as it is. Only the exact candidate moves."""
+    reg = make_registry(service_settings(tmp_path, exact_margin=1.5, bm25_candidates=2))
+    register_version(reg.factory, reg.store, seed=1, metrics={"test": {"accuracy": 0.5}})
+    cal = {"kind": "temperature", "params": {"t": t}, "info": {}}
+    by = {"toy2": {"calibration": cal, "retrieval_prior": None, "fitted_by_version": None}}
+    register_version(
+        reg.factory, reg.store, seed=1, task="beta", ontology="toy2",
+        metrics={"test": {"accuracy": 0.5}, "by_ontology": by},
+    )  # fmt: skip
+    try:
+        app = create_app(reg.settings, enqueue=reg.sent.append)
+        with live_server(app) as live, live.client() as c:
+            wait_until(lambda: c.get("/readyz").status_code == 200)
+            # "type 2 diabetes mellitus" is D001's name; D002 shares words
+            body = {
+                o: c.post(
+                    "/v1/link", json={"mention": "type 2 diabetes mellitus", "ontology": o}
+                ).json()
+                for o in ("toy", "toy2")
+            }
+            score = {o: {x["id"]: x["score"] for x in b["results"]} for o, b in body.items()}
+            assert sorted(score["toy"]) == ["D001", "D002"]
+            assert score["toy2"]["D002"] == pytest.approx(score["toy"]["D002"], abs=1e-5)
+            gap = score["toy2"]["D001"] - score["toy"]["D001"]
+            assert gap == pytest.approx(1.5 * (t - 1.0), abs=1e-4)
+    finally:
+        reg.factory.kw["bind"].dispose()
