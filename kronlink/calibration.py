@@ -140,16 +140,17 @@ class Calibrator:
         return _sigmoid(p["a"] * log_p1 + p["b"] * margin + p["c"])
 
     def score_scale(self) -> float:
-        """Raw score units per calibrated nat: ``t`` for temperature scaling,
-        ``1 / a`` for Platt (its slope on the top answer's log-probability
-        plays the inverse temperature's part), 1 for identity or a Platt fit
-        whose slope is not positive. A prior stated in calibrated nats (the
-        exact-name margin) is this many times larger on the model's scores."""
+        """Raw score units per calibrated nat: the temperature that calibrates
+        the top answer's softmax probability on dev. It is ``t`` itself for
+        temperature scaling; a Platt fit (whose slope acts on the log
+        probability, not on the scores) carries the temperature fitted on the
+        same dev rows in ``info["score_temperature"]``; 1 for a record from
+        before that field, or the identity. A prior stated in calibrated nats
+        (the exact-name margin) is this many times larger on the scores."""
         if self.kind == "temperature":
             return float(self.params["t"])
-        if self.kind == "platt" and self.params["a"] > 0:
-            return 1.0 / float(self.params["a"])
-        return 1.0
+        t = self.info.get("score_temperature")
+        return float(t) if isinstance(t, int | float) and t > 0 else 1.0
 
     def many(self, rows: Sequence[Sequence[float]]) -> np.ndarray:
         return np.array([self.top_probability(r) for r in rows], dtype=np.float64)
@@ -299,6 +300,8 @@ def fit_calibrator(
         "cv_nll": {k: round(v, 6) for k, v in cv.items()},
         "n_dev": n,
         "dev_top1": round(float(y.mean()), 6),
+        # whichever kind is chosen: the scores' scale (Calibrator.score_scale)
+        "score_temperature": fit_temperature(rows, y),
     }
     return Calibrator(chosen.kind, chosen.params, info)
 

@@ -175,10 +175,23 @@ def test_platt_stays_monotone_when_dev_fits_a_negative_slope() -> None:
     assert flat.top_probability(rows[0]) == pytest.approx(mean)
 
 
-def test_score_scale_is_raw_units_per_calibrated_nat() -> None:
-    from kronlink.calibration import Calibrator
+def test_score_scale_is_the_temperature_whichever_kind_is_chosen() -> None:
+    import numpy as np
+
+    from kronlink.calibration import Calibrator, fit_calibrator, fit_temperature
 
     assert Calibrator("temperature", {"t": 3.5}).score_scale() == 3.5
-    assert Calibrator("platt", {"a": 0.25, "b": 0.0, "c": -1.0}).score_scale() == 4.0
-    assert Calibrator("platt", {"a": -0.5, "b": 0.0, "c": 0.0}).score_scale() == 1.0
+    platt = {"a": 1.8, "b": 0.0, "c": -0.4}
+    assert Calibrator("platt", platt, {"score_temperature": 2.5}).score_scale() == 2.5
+    assert Calibrator("platt", platt).score_scale() == 1.0  # a record from before the field
     assert Calibrator("identity").score_scale() == 1.0
+    # Fresh overconfident scores: the top answer is right about half the time
+    # whatever its margin, so the fitted temperature is well above 1.
+    rng = np.random.default_rng()
+    rows = (rng.normal(size=(200, 5)) * 6).tolist()
+    right = (rng.random(200) < 0.5).tolist()
+    for kinds in (("temperature",), ("platt",)):
+        cal = fit_calibrator(rows, right, kinds=kinds)
+        assert cal.kind == kinds[0]
+        assert cal.info["score_temperature"] == fit_temperature(rows, right) > 1.5
+        assert cal.score_scale() == pytest.approx(fit_temperature(rows, right))
