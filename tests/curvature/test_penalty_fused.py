@@ -9,14 +9,24 @@ fresh random moves away from the anchor of both real rankers (tiny sizes).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from cv_models import assert_same_value_and_grads, word_queries
 
+from kronlink import penalties
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.curvature.state import Rule
 from kronlink.models import build_ranker
-from kronlink.penalties import KFCExpandPenalty, KFCPenalty, _other_terms
+from kronlink.penalties import (
+    KFCExpandPenalty,
+    KFCPenalty,
+    _GroupPlan,
+    _kfc_split,
+    _other_terms,
+    _Quad,
+)
 
 TINY = {
     "transformer": {"encoder": None, "num_layers": 3, "max_length": 40},
@@ -103,3 +113,59 @@ def test_asymmetric_factors_fall_back_to_autograd() -> None:
         if b is not None:
             a = a.to_dense() if a.is_sparse else a  # an embedding's rows (penalties.py)
             assert float((a - b).norm()) <= 1e-10 * float(b.norm()) + 1e-30
+
+
+def test_cnn_conv_layers_share_one_batched_product_prepared_once(monkeypatch) -> None:
+    """The CNN at its default widths (four 128 x 385 conv layers; only the
+    vocabulary is the tests' small one), its state claiming 64 queries as in
+    table 2 of bench/curvature.py, so that the split rule's mean pair goes low
+    rank on the A side only, as there. The four conv layers are one group (one
+    batched product over the stack), its operands stacked once, on the
+    penalty's first call; value and gradient equal the per-layer form
+    (``_kfc_split``, autograd through each layer's products) and the
+    brute-force reference, on fresh random points."""
+    torch.manual_seed(0)
+    model = build_ranker("cnn", tokenizer=None).double()
+    state = estimate_curvature(model, [model.encode(word_queries(8, s)) for s in (1, 2)])
+    # 16 queries (a quarter of the estimate's time) under the bound of 64: still true
+    state = dataclasses.replace(state, n_examples=64)
+    prior = TaskState.from_model(model, state, {"task": "t"})
+    builds = []
+    grouped = penalties._grouped_kfc
+    monkeypatch.setattr(
+        penalties, "_grouped_kfc", lambda quads: builds.append(len(quads)) or grouped(quads)
+    )
+    pen = KFCPenalty([prior], 1.0)
+
+    def per_layer(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = pen._layer_parts(prior, lambda t: t.double())
+        terms = [
+            _kfc_split(p.names, p.anchor, p.pairs) if isinstance(p, _Quad) else p for _, p in parts
+        ] + _other_terms(prior, lambda t: t.double())
+        return sum((t(params) for t in terms), torch.zeros((), dtype=torch.float64))
+
+    for trial in range(3):  # fresh random points: the prepared operands must not go stale
+        g = torch.Generator().manual_seed(20 + trial)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        got = pen(model)
+        assert_same_value_and_grads(model, got, per_layer(dict(model.named_parameters())), 1e-10)
+        assert_same_value_and_grads(model, pen(model), _reference(model, prior, False), 1e-10)
+    assert builds == [5]  # once: the 4 conv layers and head.0 (exact blocks for the rest)
+
+    convs = [n for n in prior.curvature.kfac if n.split(".")[0].endswith("convs")]
+    assert len(convs) == 4
+    plans = []
+    for term in pen._prepared(model)[1][0]:
+        cells = [c.cell_contents for c in term.__closure__ or ()]
+        plan = next((c for c in cells if isinstance(c, _GroupPlan)), None)
+        if plan is not None:
+            names = next(c for c in cells if isinstance(c, list))
+            plans.append(([n[0].removesuffix(".weight") for n in names], plan))
+    (plan,) = [p for names, p in plans if sorted(names) == sorted(convs)]
+    # the deviation pair full, stacked (4, 1, ·, ·); the mean pair's A side low rank
+    assert tuple(plan.G.shape) == (4, 1, 128, 128) and tuple(plan.A.shape) == (4, 1, 385, 385)
+    (slot,) = plan.low
+    assert slot.g_lam is None and tuple(slot.G.shape) == (4, 128, 128)
+    assert slot.a_lam is not None and tuple(slot.A.shape) == (4, 385, 64 + 8)
