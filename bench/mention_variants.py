@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _record import loadavg, write_record
 from clinical_mentions import LISTS, accepted
 
+from kronlink.cli.demo import SUBSET as DEMO_LIMIT
 from kronlink.data.builders.hpo import hpo_obo_path, parse_hpo
 from kronlink.data.builders.icd10cm import icd10cm_tabular_path, parse_icd10cm
-from kronlink.cli.demo import SUBSET as DEMO_LIMIT
 from kronlink.data.splits import filter_mentions, without_query_strings
 from kronlink.retrieval import Retriever
 
