@@ -138,9 +138,9 @@ def acronym_expansions(texts_by_concept: Iterable[Sequence[str]]) -> dict[str, s
 
     - a text that also carries a code-like token ("AML M4": the acronym
       names a subtype there, and "AML" is not C92.5's myelomonocytic form);
-    - a run holding a capitalised word (HPO's "increased INR" is not "II")
-      from another text ending in a word of the acronym's own text ("IM
-      myxoma": IM spells intramuscular, not "Intramuscular myxoma"; "GI
+    - a run holding a capitalised word (HPO's "increased INR" is not "II");
+    - a run from another text ending in a word of the acronym's own text
+      ("IM myxoma": IM spells intramuscular, not "Intramuscular myxoma"; "GI
       tract" is not "Gastrointestinal infections"). A long form in the
       acronym's own text ("Chronic kidney disease (CKD)") is taken as it is.
     """
