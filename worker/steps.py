@@ -167,8 +167,11 @@ class UpdateSteps:
         """The active version and every prior task's state. The registry is read
         in a short transaction; the artifacts are fetched and re-hashed after
         it (SQLite's write lock is not held through that I/O)."""
+        import torch
+
         from kronlink.curvature.state import TaskState
         from kronlink.models import build_ranker, load_ranker
+        from kronlink.training import seed_everything
 
         run, spec, job, store = self.run, self.run.spec, self.run.job, self.run.ctx.store
         with timed(run, "load"):
@@ -193,7 +196,13 @@ class UpdateSteps:
                 )
             if self.parent is None:  # bootstrap: version 1 learns its task from scratch
                 ranker = dict(spec.ranker)
-                self.model = build_ranker(ranker.pop("kind", "cnn"), **ranker)
+                # Seeded by the job's seed, in a forked generator: the same
+                # spec starts from the same weights whatever the worker process
+                # drew before (unseeded, three demo runs trained three different
+                # version 1s), and the process's own stream is left as it was.
+                with torch.random.fork_rng(devices=[]):
+                    seed_everything(self.train.seed)
+                    self.model = build_ranker(ranker.pop("kind", "cnn"), **ranker)
                 return
             art = self.parent.artifact
             path = store.get(store.key_of(art.uri), art.sha256, self.scratch / "model")

@@ -23,7 +23,7 @@ from kronlink.settings import Settings
 from worker.job import JobContext, Outcome, run_job
 
 
-def submit(ctx: JobContext, task_name: str, staged_id: str, **spec) -> int:
+def submit(ctx: JobContext, task_name: str, staged_id: str, lineage: str = "main", **spec) -> int:
     payload = UpdateJobSpec(
         task_name=task_name,
         staged_id=staged_id,
@@ -32,7 +32,7 @@ def submit(ctx: JobContext, task_name: str, staged_id: str, **spec) -> int:
         **spec,
     ).model_dump(mode="json")
     with ctx.factory.begin() as s:
-        job, _ = create_job(s, lineage="main", payload=payload, idempotency_key=staged_id)
+        job, _ = create_job(s, lineage=lineage, payload=payload, idempotency_key=staged_id)
     return job.id
 
 
@@ -115,6 +115,30 @@ def test_a_parent_from_before_per_ontology_records_hands_on_its_own(ctx: JobCont
         "fitted_by_version": 1,
     }
     assert set(v2.metrics["by_ontology"]) == {"alpha", "beta"}
+
+
+def test_the_same_bootstrap_spec_trains_the_same_version(ctx: JobContext) -> None:
+    """Version 1's initial weights come from the job's seed, not from whatever
+    the worker process drew before: two bootstrap jobs of one spec, with
+    random numbers drawn in between, store the same weights."""
+    import torch
+
+    from kronlink.models import load_ranker
+
+    weights = []
+    for lineage in ("main", "again"):
+        torch.rand(1000)  # the worker process's generator moves between jobs
+        staged_id = stage(ctx.settings, make_task("alpha", 1))
+        job_id = submit(ctx, "alpha", staged_id, lineage=lineage, method="none")
+        assert run_job(ctx, job_id) == Outcome.SUCCEEDED
+        with ctx.factory.begin() as s:
+            art = active_version(s, lineage).artifact
+        path = ctx.store.get(
+            ctx.store.key_of(art.uri), art.sha256, ctx.settings.data_path / lineage
+        )
+        weights.append(load_ranker(path).state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_malformed_dataset_fails_and_changes_nothing(ctx: JobContext, settings: Settings) -> None:
