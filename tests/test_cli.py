@@ -175,3 +175,20 @@ def test_training_is_reproducible_with_a_seed(icd_task: Path, tmp_path: Path) ->
 
     assert run("a", "1") == run("b", "1")
     assert run("c", "2") != run("a", "1")
+
+
+@pytest.mark.parametrize("command", ["demo", "serve", "up"])
+@pytest.mark.parametrize("port", ["81610", "0", "http"])
+def test_a_port_out_of_range_is_refused_before_anything_starts(
+    command: str, port: str, tmp_path: Path, capsys
+) -> None:
+    # "kronlink demo --port 81610" ended in an OverflowError traceback from bind()
+    args = [command, "--port", port]
+    if command == "demo":
+        args += ["--dir", str(tmp_path / "d")]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--port" in err and ("1 to 65535" in err or "port number" in err)
+    assert not (tmp_path / "d").exists()

@@ -38,3 +38,16 @@ def load_split(task_dir: str, split: str, limit: int | None, seed: int):
 
     task = load_task(task_dir)
     return task, subset(task.split(split), limit, seed)
+
+
+def port_number(text: str) -> int:
+    """argparse type for a TCP port: 1 to 65535, said so when it is not."""
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {port}")
+    return port

@@ -27,6 +27,7 @@ import os
 import signal
 from pathlib import Path
 
+from kronlink.cli._common import port_number
 from kronlink.cli._demo_http import Api, DemoError, detail
 from kronlink.cli._demo_steps import (
     EXAMPLE,
@@ -212,7 +213,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="KFC λ for HPO: a number or 'auto' (a λ search: slower) (default: %(default)s)",
     )
     p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--port", type=port_number, default=8000, help="default: %(default)s")
     p.add_argument(
         "--start-timeout", type=float, default=120.0, help="seconds for the service to answer"
     )

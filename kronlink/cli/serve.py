@@ -18,6 +18,8 @@ import tempfile
 import time
 from typing import Any
 
+from kronlink.cli._common import port_number
+
 
 def _ensure_admin_token() -> None:
     """Development without KRONLINK_ADMIN_TOKEN: a generated token, kept in
@@ -165,7 +167,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             description="Settings come from KRONLINK_* variables (docs/service.md).",
         )
         p.add_argument("--host", help="default: KRONLINK_HOST (127.0.0.1)")
-        p.add_argument("--port", type=int, help="default: KRONLINK_PORT (8000)")
+        p.add_argument("--port", type=port_number, help="default: KRONLINK_PORT (8000)")
         p.add_argument("--log-level", default="info", help="default: %(default)s")
         if name == "serve":
             p.add_argument(
