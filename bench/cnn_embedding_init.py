@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -61,15 +60,18 @@ def table(paths: list[Path]) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--table":
-        print(table([Path(a) for a in sys.argv[2:]]))
-        return 0
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("out", type=Path)
-    p.add_argument("--task", action="append", type=_pair, required=True)
+    p.add_argument("out", type=Path, nargs="?")
+    p.add_argument("--task", action="append", type=_pair)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--table", type=Path, nargs="+", help="re-print these records and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
+    if args.out is None or not args.task:
+        p.error("give the record to write and at least one --task NAME=PATH (or --table)")
     record: dict = {"loadavg_before": loadavg(), "epochs": args.epochs, "runs": []}
     for name, path in args.task:
         task = load_task(path)

@@ -17,14 +17,12 @@ mentions, ``kronlink.cli.demo.SUBSET``, give its queries; the rest stay synonyms
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _record import loadavg, write_record
+from _record import record_main
 from clinical_mentions import LISTS, accepted
 
 from kronlink.cli.demo import SUBSET as DEMO_LIMIT
@@ -36,7 +34,8 @@ from kronlink.retrieval import Retriever
 KINDS = ("exact", "acronym", "loose")
 
 
-def _sources() -> dict[str, tuple[list, list]]:
+def sources() -> dict[str, tuple[list, list]]:
+    """ICD-10-CM's and HPO's concepts and (unsplit) mentions, as the builders parse them."""
     return {"icd10cm": parse_icd10cm(icd10cm_tabular_path()), "hpo": parse_hpo(hpo_obo_path())}
 
 
@@ -116,18 +115,12 @@ def table(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("record", type=Path)
-    ap.add_argument("--table", action="store_true", help="re-print the stored record's table")
-    args = ap.parse_args(argv)
-    if args.table:
-        print(table(json.loads(args.record.read_text())))
-        return
-    record: dict = {"loadavg_before": loadavg()}
-    for name, (concepts, mentions) in _sources().items():
-        record[name] = measure(name, concepts, mentions)
-    write_record(args.record, record)
-    print(table(record))
+    record_main(
+        __doc__,
+        lambda: {name: measure(name, c, m) for name, (c, m) in sources().items()},
+        table,
+        argv,
+    )
 
 
 if __name__ == "__main__":

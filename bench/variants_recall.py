@@ -13,16 +13,13 @@ which this does not need. Not a timing: no lock needed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import loadavg, write_record
+from _record import record_main
+from mention_variants import sources
 
-from kronlink.data.builders.hpo import hpo_obo_path, parse_hpo
-from kronlink.data.builders.icd10cm import icd10cm_tabular_path, parse_icd10cm
 from kronlink.data.splits import filter_mentions, split_queries, without_query_strings
 from kronlink.retrieval import Retriever
 
@@ -69,21 +66,9 @@ def table(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("record", type=Path)
-    ap.add_argument("--table", action="store_true", help="re-print the stored record's table")
-    args = ap.parse_args(argv)
-    if args.table:
-        print(table(json.loads(args.record.read_text())))
-        return
-    record: dict = {"loadavg_before": loadavg()}
-    for name, (concepts, mentions) in (
-        ("icd10cm", parse_icd10cm(icd10cm_tabular_path())),
-        ("hpo", parse_hpo(hpo_obo_path())),
-    ):
-        record[name] = measure(concepts, mentions)
-    write_record(args.record, record)
-    print(table(record))
+    record_main(
+        __doc__, lambda: {name: measure(c, m) for name, (c, m) in sources().items()}, table, argv
+    )
 
 
 if __name__ == "__main__":

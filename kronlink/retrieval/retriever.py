@@ -28,6 +28,7 @@ exact matches get ``inf`` so a caller sorting by score keeps them first.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -93,18 +94,15 @@ class Retriever:
         mode has no encoder to change."""
         if self.mode != "fused":
             return self
-        return Retriever(
-            self.concepts,
-            mode="fused",
-            dense=self.dense,
-            encoder=encoder,
-            w_dense=self.w_dense,
-            w_bm25=self.w_bm25,
-            rrf_k=self.rrf_k,
-            depth=self.depth,
-            bm25=self.bm25,
-            variants=self.variants,
-        )
+        if self.dense is not None and self.dense.encoder != encoder.version:
+            raise ValueError(
+                f"the dense index was made by {self.dense.encoder}, the encoder is {encoder.version}"
+            )
+        # a shallow copy shares the BM25 index and the exact, acronym and
+        # loose tables, which do not depend on the encoder (1 s on ICD-10-CM)
+        out = copy.copy(self)
+        out.encoder = encoder
+        return out
 
     def __len__(self) -> int:
         return len(self.ids)

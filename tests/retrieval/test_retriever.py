@@ -120,6 +120,21 @@ def test_a_dense_index_of_another_encoder_is_refused(tmp_path):
         )
 
 
+def test_with_encoder_searches_as_a_new_retriever_would_and_refuses_another_index():
+    concepts, _, _, dense, mentions, qv = _random_world(4)
+    first = _FixedEncoder({m: v for m, v in zip(mentions, qv, strict=True)})
+    second = _FixedEncoder({m: v for m, v in zip(mentions, qv[::-1], strict=True)})
+    base = Retriever(concepts, mode="fused", dense=dense, encoder=first)
+    swapped = base.with_encoder(second)
+    fresh = Retriever(concepts, mode="fused", dense=dense, encoder=second)
+    assert swapped.encoder is second and base.encoder is first
+    assert swapped.search(mentions, 10) == fresh.search(mentions, 10)
+    assert swapped.search(mentions, 10) != base.search(mentions, 10)
+    with pytest.raises(ValueError, match="made by fixed@0"):
+        base.with_encoder(type("E", (), {"version": "other@1"})())
+    assert Retriever(concepts).with_encoder(second).encoder is None  # bm25 mode: unchanged
+
+
 def test_real_minilm_finds_lay_wording_that_bm25_misses():
     # HPO's "Hypertension" shares no token with "high blood pressure"; BM25 picks
     # the ICD-10-CM name that shares two. Zero-shot MiniLM does NOT rank ICD's
