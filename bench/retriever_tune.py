@@ -151,6 +151,8 @@ def run(a: argparse.Namespace) -> dict:
     save()
     print("v1", json.dumps(record["steps"][f"v1: {a.first}"]["eval"]), flush=True)
 
+    if not a.penalties:  # only the first task: how far tuning alone goes
+        return record
     tower.set_bank(first["dense"])
     state, secs = _curvature(tower, first["task"].split("train"), a.curv_queries, 32, 0)
     record["curvature_s"] = round(secs, 1)
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--curv-queries", type=int, default=1024)
-    p.add_argument("--penalties", nargs="+", default=["none", "kfc-expand:10", "kfc-expand:100"])
+    p.add_argument("--penalties", nargs="*", default=["none", "kfc-expand:10", "kfc-expand:100"])
     p.add_argument("--cache", type=Path, default=Path("/tmp/kronlink-retrieval-cache"))
     p.add_argument("--json", type=Path, default=Path("results/retrieval/tower.json"))
     p.add_argument("--table", type=Path, help="print the markdown table of a record and exit")

@@ -140,13 +140,18 @@ class Calibrator:
         return _sigmoid(p["a"] * log_p1 + p["b"] * margin + p["c"])
 
     def score_scale(self) -> float:
-        """Raw score units per calibrated nat: the temperature that calibrates
-        the top answer's softmax probability on dev. It is ``t`` itself for
-        temperature scaling; a Platt fit (whose slope acts on the log
-        probability, not on the scores) carries the temperature fitted on the
-        same dev rows in ``info["score_temperature"]``; 1 for a record from
-        before that field, or the identity. A prior stated in calibrated nats
-        (the exact-name margin) is this many times larger on the scores."""
+        """Raw score units per calibrated nat. A prior stated in calibrated
+        nats (the exact-name margin) is this many times larger on the scores.
+
+        In order: ``info["exact_margin_scale"]``, the scale the update job
+        evaluated and calibrated the version at (the model's own dev
+        temperature, kronlink.update), so serving ranks as the recorded
+        metrics say; else the temperature that calibrates the top answer on
+        dev (``t`` itself for temperature scaling, ``info["score_temperature"]``
+        for a Platt fit); 1 for a record with neither, or the identity."""
+        t = self.info.get("exact_margin_scale")
+        if isinstance(t, int | float) and t > 0:
+            return float(t)
         if self.kind == "temperature":
             return float(self.params["t"])
         t = self.info.get("score_temperature")

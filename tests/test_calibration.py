@@ -185,6 +185,11 @@ def test_score_scale_is_the_temperature_whichever_kind_is_chosen() -> None:
     assert Calibrator("platt", platt, {"score_temperature": 2.5}).score_scale() == 2.5
     assert Calibrator("platt", platt).score_scale() == 1.0  # a record from before the field
     assert Calibrator("identity").score_scale() == 1.0
+    # the scale the update job evaluated the version at wins over either fit
+    # (kronlink.update: the model's own dev temperature, before any prior)
+    both = {"score_temperature": 2.5, "exact_margin_scale": 4.0}
+    assert Calibrator("platt", platt, both).score_scale() == 4.0
+    assert Calibrator("temperature", {"t": 3.5}, both).score_scale() == 4.0
     # Fresh overconfident scores: the top answer is right about half the time
     # whatever its margin, so the fitted temperature is well above 1.
     rng = np.random.default_rng()

@@ -293,17 +293,25 @@ def test_update_job_serves_at_least_the_retrievers_test_top1_on_icd10cm() -> Non
     # the same version with the prior zeroed ranks below its retriever
     assert alone["test"]["accuracy"] < info["test_top1_retriever"], numbers
     assert res.gate_passed and res.gate_message == ""
-    # the calibrator was fitted on the served score
+    # the margin (5 calibrated nats) was put in score units by the model's own
+    # dev temperature, recorded where serving reads it back (Calibrator.score_scale)
+    from kronlink.calibration import Calibrator, fit_calibrator, fit_temperature
+
     assert res.calibration is not None
+    own = score_queries(res.model, dev)
+    own_right = [max(c, key=lambda x: x[1])[0] == q.gold for q, c in zip(dev, own, strict=True)]
+    scale = fit_temperature([[s for _, s, _ in c] for c in own], own_right)
+    assert scale != pytest.approx(1.0, abs=0.05)  # the check below could not tell otherwise
+    assert res.calibration["info"]["exact_margin_scale"] == pytest.approx(scale, rel=1e-9)
+    assert Calibrator.from_dict(res.calibration).score_scale() == pytest.approx(scale, rel=1e-9)
+    # the calibrator was fitted on the served score, at that margin
     rows = score_queries(
         res.model,
         dev,
-        exact_margin=5.0,
+        exact_margin=5.0 * scale,
         retrieval_prior=RetrievalPrior.from_dict(res.retrieval_prior),
         retrieval_ranks=retrieval_ranks(dev, retriever),
     )
-    from kronlink.calibration import fit_calibrator
-
     right = [max(c, key=lambda x: x[1])[0] == q.gold for q, c in zip(dev, rows, strict=True)]
     assert sum(right) / len(dev) == pytest.approx(res.dev.accuracy)
     again = fit_calibrator([[s for _, s, _ in c] for c in rows], right)

@@ -38,7 +38,12 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from kronlink.calibration import Calibrator, expected_calibration_error, fit_calibrator
+from kronlink.calibration import (
+    Calibrator,
+    expected_calibration_error,
+    fit_calibrator,
+    fit_temperature,
+)
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.schema import SPLITS, Query, Task
 from kronlink.errors import CheckpointError, ConfigError, DataFormatError
@@ -115,6 +120,10 @@ class _Job:
         self.prior: RetrievalPrior | None = None
         self.ranks: dict[str, list[list[int]]] = {}
         self.ablations: dict[str, dict] = {}
+        # the exact-name margin in score units: req.exact_margin (calibrated
+        # nats) times the model's dev temperature (_scale_margin)
+        self.margin_scale = 1.0
+        self.margin = request.exact_margin
         self._current = "validate"
 
     # ---- driver ---------------------------------------------------------
@@ -137,6 +146,7 @@ class _Job:
             with self._phase("curvature"):
                 state = self._curvature()
             with self._phase("evaluate"):
+                self._scale_margin()
                 self.prior = self._fit_prior()
                 test, dev, forgetting, passed = self._evaluate()
                 self.calibration = self._calibrate()
@@ -343,10 +353,43 @@ class _Job:
         """The keyword arguments that make an evaluation rank as serving will."""
         return {
             "batch_size": self.req.eval_batch_size,
-            "exact_margin": self.req.exact_margin,
+            "exact_margin": self.margin,
             "retrieval_prior": self.prior,
             "retrieval_ranks": self.ranks.get(split),
         }
+
+    def _scale_margin(self) -> None:
+        """Put the exact-name margin in the units serving will use.
+
+        ``req.exact_margin`` is in calibrated nats, and serving multiplies it
+        by the version's ``Calibrator.score_scale`` (an overconfident model's
+        raw scores span more nats than its probabilities deserve). The job
+        must evaluate, fit the retrieval prior and calibrate at that same
+        margin, or the version's recorded dev and test top-1 describe a
+        ranking nobody serves. The scale is the temperature of the model's own
+        dev scores (no prior added, which is what the margin competes with);
+        1 when dev has no right or no wrong top answer to fit it on. It is
+        recorded in the calibration (``info["exact_margin_scale"]``), which
+        serving reads back."""
+        if not self.req.exact_margin:
+            return
+        dev = self.splits["dev"]
+        scored = score_queries(self.model, dev, batch_size=self.req.eval_batch_size)
+        rows = [[s for _, s, _ in cands] for cands in scored]
+        right = [
+            bool(cands) and max(cands, key=lambda c: c[1])[0] == q.gold
+            for q, cands in zip(dev, scored, strict=True)
+        ]
+        if 0 < sum(right) < len(right):
+            self.margin_scale = fit_temperature(rows, right)
+        self.margin = self.req.exact_margin * self.margin_scale
+        self._emit(
+            UpdateProgress(
+                "evaluate",
+                message=f"exact-name margin {self.req.exact_margin:g} calibrated nats = "
+                f"{self.margin:.4g} score units (dev temperature {self.margin_scale:.4g})",
+            )
+        )
 
     def _fit_prior(self) -> RetrievalPrior | None:
         """``beta`` of the retrieval prior, fitted on dev against the model's
@@ -359,7 +402,7 @@ class _Job:
             self.ranks[split] = retrieval_ranks(self.splits[split], self.retriever)
         dev = self.splits["dev"]
         scored = score_queries(
-            self.model, dev, batch_size=self.req.eval_batch_size, exact_margin=self.req.exact_margin
+            self.model, dev, batch_size=self.req.eval_batch_size, exact_margin=self.margin
         )
         gold = [q.gold_index() for q in dev]
         prior = fit_retrieval_prior([[s for _, s, _ in c] for c in scored], self.ranks["dev"], gold)
@@ -390,10 +433,10 @@ class _Job:
         # What each prior adds: the served score against the same model without them.
         # (Only those that differ from the served score: no extra pass by default.)
         variants = {}
-        if self.prior is not None or self.req.exact_margin:
+        if self.prior is not None or self.margin:
             variants["model_alone"] = 0.0
-        if self.prior is not None and self.req.exact_margin:
-            variants["exact_only"] = self.req.exact_margin
+        if self.prior is not None and self.margin:
+            variants["exact_only"] = self.margin
         for name, margin in variants.items():
             self.ablations[name] = {
                 split: evaluate(
@@ -465,6 +508,7 @@ class _Job:
             return None
         raw = Calibrator("identity").many(rows["test"])
         info = dict(cal.info)
+        info["exact_margin_scale"] = self.margin_scale
         info["test_ece"] = {
             "bins": 10,
             "binning": "equal-width",
