@@ -39,10 +39,10 @@ def _index(name: str, concepts, cache: Path):
     return cached_index(cache / f"{name}-{concepts_digest(concepts)[:16]}", concepts)[0]
 
 
-def _fused_recall(task, dense, bm25, encoder, settings) -> dict[str, float]:
+def _fused_recall(task, dense, bm25, encoder, settings, split: str = "test") -> dict[str, float]:
     from kronlink.retrieval import Retriever
 
-    test = task.split("test")
+    test = task.split(split)
     mentions, golds = [q.mention for q in test], [q.gold for q in test]
     r = Retriever(task.concepts, mode="fused", dense=dense, encoder=encoder, bm25=bm25, **settings)
     hits = r.search(mentions, max(KS), query_vectors=encoder.encode(mentions))
@@ -69,6 +69,21 @@ def _measure(tower, world: dict, settings: dict) -> dict:
             ),
         }
     return out
+
+
+def _fusion_grid(tower, w: dict, settings: dict, weights: list[float]) -> list[dict]:
+    """Fused recall on dev and test at each BM25 weight: a tuned tower may want
+    less BM25 than the weights chosen for the zero-shot encoder."""
+    encoder = tower.query_encoder()
+    rows = []
+    for wb in weights:
+        s = {**settings, "w_bm25": wb}
+        row = {"w_bm25": wb}
+        for split in ("dev", "test"):
+            row[split] = _fused_recall(w["task"], w["dense"], w["bm25"], encoder, s, split)
+        rows.append(row)
+        print("fusion", json.dumps(row), flush=True)
+    return rows
 
 
 def _curvature(tower, queries, n: int, batch: int, seed: int):
@@ -148,7 +163,16 @@ def run(a: argparse.Namespace) -> dict:
         "tune": res.as_dict(),
         "eval": _measure(tower, world, settings),
     }
+    if a.fusion_grid:
+        record["steps"][f"v1: {a.first}"]["fusion_grid"] = _fusion_grid(
+            tower, first, settings, a.fusion_grid
+        )
     save()
+    if a.save_tower:
+        import torch
+
+        a.save_tower.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tower.encoder.state_dict(), a.save_tower)
     print("v1", json.dumps(record["steps"][f"v1: {a.first}"]["eval"]), flush=True)
 
     if not a.penalties:  # only the first task: how far tuning alone goes
@@ -196,6 +220,18 @@ def table(record: dict) -> str:
         for t in tasks:
             d = step["eval"][t]["dense"]
             rows.append(f"| {label} | {t} | " + " | ".join(f"{d[str(k)]:.3f}" for k in KS) + " |")
+    for label, step in record["steps"].items():
+        if not step.get("fusion_grid"):
+            continue
+        rows += ["", f"Fused at each BM25 weight ({label}; w_dense 1), recall@1/10/25/100:", ""]
+        rows.append("| w_bm25 | dev r@1 | dev r@10 | dev r@25 | test r@1 | test r@10 | test r@25 |")
+        rows.append("|---|---|---|---|---|---|---|")
+        for g in step["fusion_grid"]:
+            rows.append(
+                f"| {g['w_bm25']:g} | "
+                + " | ".join(f"{g[sp][str(k)]:.3f}" for sp in ("dev", "test") for k in (1, 10, 25))
+                + " |"
+            )
     return "\n".join(rows)
 
 
@@ -211,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--curv-queries", type=int, default=1024)
     p.add_argument("--penalties", nargs="*", default=["none", "kfc-expand:10", "kfc-expand:100"])
+    p.add_argument(
+        "--fusion-grid",
+        type=float,
+        nargs="*",
+        default=[],
+        help="BM25 weights at which the first task's tuned tower is also measured, dev and test",
+    )
+    p.add_argument("--save-tower", type=Path, help="save the first task's tuned tower here")
     p.add_argument("--cache", type=Path, default=Path("/tmp/kronlink-retrieval-cache"))
     p.add_argument("--json", type=Path, default=Path("results/retrieval/tower.json"))
     p.add_argument("--table", type=Path, help="print the markdown table of a record and exit")
