@@ -223,7 +223,11 @@ def table(record: dict) -> str:
     for label, step in record["steps"].items():
         if not step.get("fusion_grid"):
             continue
-        rows += ["", f"Fused at each BM25 weight ({label}; w_dense 1; the whole dev and test splits):", ""]
+        rows += [
+            "",
+            f"Fused at each BM25 weight ({label}; w_dense 1; the whole dev and test splits):",
+            "",
+        ]
         rows.append("| w_bm25 | dev r@1 | dev r@10 | dev r@25 | test r@1 | test r@10 | test r@25 |")
         rows.append("|---|---|---|---|---|---|---|")
         for g in step["fusion_grid"]:

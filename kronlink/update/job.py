@@ -368,7 +368,7 @@ class _Job:
         margin, or the version's recorded dev and test top-1 describe a
         ranking nobody serves. The scale is the temperature of the model's own
         dev scores (no prior added, which is what the margin competes with);
-        1 when dev has no right or no wrong top answer to fit it on. It is
+        1 when dev is too small, or has no right or no wrong top answer. It is
         recorded in the calibration (``info["exact_margin_scale"]``), which
         serving reads back."""
         if not self.req.exact_margin:
@@ -380,7 +380,9 @@ class _Job:
             bool(cands) and max(cands, key=lambda c: c[1])[0] == q.gold
             for q, cands in zip(dev, scored, strict=True)
         ]
-        if 0 < sum(right) < len(right):
+        # only where _calibrate can fit too (fit_calibrator needs 2 * 5 folds of
+        # dev): a version without a calibration serves at scale 1
+        if len(right) >= 10 and 0 < sum(right) < len(right):
             self.margin_scale = fit_temperature(rows, right)
         self.margin = self.req.exact_margin * self.margin_scale
         self._emit(
