@@ -420,3 +420,30 @@ def test_cli_update_tunes_and_carries_the_retriever(tmp_path: Path, monkeypatch,
     argv += ["--out", str(tmp_path / "v4"), "--state-out", str(tmp_path / "v4.st")]
     assert main([*argv, "--retriever-prior", state1]) == 2
     assert "--retriever-prior needs KRONLINK_RETRIEVER_TUNE=true" in capsys.readouterr().err
+
+
+def test_a_dev_too_small_to_calibrate_evaluates_at_the_margin_serving_uses() -> None:
+    """With fewer than 10 dev queries the version gets no calibration, so the
+    service scales the exact-name margin by 1; the job must evaluate at that
+    same margin (kronlink.update.job._scale_margin), not at a fitted scale.
+    Exact-name candidates make the margin change the ranking here."""
+    from kronlink.evaluation import evaluate
+
+    base = _task(n_train=64)
+    dev = base.split("dev")[:6]
+    # the mentions are the candidates' names, one of them the gold, so the
+    # exact-name flag fires on dev and test (kronlink.ranking)
+    dev = [replace(q, mention=q.candidates[0].name, gold=q.candidates[1].id) for q in dev]
+    task = replace(base, queries=(*base.split("train"), *dev, *base.split("test")))
+    events: list[UpdateProgress] = []
+    res = run_update(
+        _model(), [], task, UpdateRequest(train=FAST, exact_margin=5.0), on_progress=events.append
+    )
+    assert res.calibration is None
+    said = [e.message for e in events if "exact-name margin" in (e.message or "")]
+    assert said == ["exact-name margin 5 calibrated nats = 5 score units (dev temperature 1)"]
+    want = evaluate(res.model, dev, exact_margin=5.0)
+    assert res.dev.accuracy == pytest.approx(want.accuracy)
+    # the exact-name candidate (never the gold here) is ranked first at margin 5
+    assert want.accuracy == 0.0
+    assert evaluate(res.model, dev).accuracy > 0.0
