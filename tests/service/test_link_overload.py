@@ -31,8 +31,18 @@ def test_a_queue_beyond_its_time_bound_answers_429_at_once(tmp_path) -> None:
         batcher = state.batchers["main"]
 
         def hold_model_thread() -> threading.Event:
-            gate = threading.Event()
-            state.executor.submit(gate.wait, 30)
+            # returns once the model thread is really held: before that, the
+            # hold task itself sits in the work queue and the waits below,
+            # which read the queue's size, would pass too early (a race seen
+            # on a loaded 2-core CI run, where two requests were then batched)
+            gate, started = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                started.set()
+                gate.wait(30)
+
+            state.executor.submit(hold)
+            assert started.wait(10), "the model thread did not pick up the hold"
             return gate
 
         # 1. one model call that really takes >= HELD_S (the single model thread is busy
