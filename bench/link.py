@@ -119,7 +119,7 @@ def query(i: int, candidates: int, bm25: bool = False) -> dict:
 def build_model(kind: str):
     from kronlink.models import build_ranker
 
-    if kind == "transformer":  # the served default: first 3 layers of all-MiniLM-L6-v2
+    if kind == "transformer":  # the design's cross-encoder: 3 MiniLM layers (jobs default to CNN)
         return build_ranker("transformer", num_layers=3, max_length=32, max_name_length=12)
     return build_ranker("cnn", max_query_length=32, max_name_length=12)
 

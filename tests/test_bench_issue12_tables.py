@@ -62,8 +62,8 @@ def test_retriever_tables_reprint_from_their_records() -> None:
         assert min(ratios) > 1.5  # the issue's target is not met, as the docs say
 
 
-def test_the_served_default_ranker_meets_the_fused_latency_target_in_its_record() -> None:
-    """The transformer (the served default; bench/link.py's default model): fused
+def test_the_cross_encoder_meets_the_fused_latency_target_in_its_record() -> None:
+    """The cross-encoder (bench/link.py's default model; jobs default to the CNN): fused
     p50 within 1.5 times BM25's, each round against the same round's BM25, at 1
     and 8 clients; the table in the docs is the record's."""
     rec = _record("results/bench/link-fused-vs-bm25-transformer.json")
