@@ -46,9 +46,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "FOLDS",
     "MARGIN_CAP",
     "Calibrator",
     "binary_nll",
+    "calibratable",
     "expected_calibration_error",
     "fit_calibrator",
     "fit_logistic",
@@ -267,11 +269,20 @@ def _fit(kind: str, rows: Sequence[Sequence[float]], correct: np.ndarray) -> Cal
     return Calibrator("platt", {"a": slopes[0], "b": slopes[1], "c": c})
 
 
+FOLDS = 5  # fit_calibrator's cross-validation folds
+
+
+def calibratable(correct: Sequence[bool], folds: int = FOLDS) -> bool:
+    """Whether :func:`fit_calibrator` can fit to these "top-1 right" flags:
+    two queries a fold, and both right and wrong top answers among them."""
+    return len(correct) >= 2 * folds and 0 < sum(map(bool, correct)) < len(correct)
+
+
 def fit_calibrator(
     rows: Sequence[Sequence[float]],
     correct: Sequence[bool],
     *,
-    folds: int = 5,
+    folds: int = FOLDS,
     seed: int = 0,
     kinds: Sequence[str] = ("temperature", "platt"),
 ) -> Calibrator:

@@ -18,7 +18,15 @@ from kronlink.models.dataset import encoded_queries
 from kronlink.ranking import rank_scores
 from kronlink.retrieval_prior import RetrievalPrior
 
-__all__ = ["Metrics", "evaluate", "metrics_from_ranks", "rank_of_gold", "score_queries"]
+__all__ = [
+    "Metrics",
+    "evaluate",
+    "metrics_from_ranks",
+    "metrics_from_scored",
+    "rank_of_gold",
+    "score_queries",
+    "top1_right",
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,33 @@ def rank_of_gold(
     better_or_equal = ((filled >= gold) & candidate_mask).sum(1)
     ranks = better_or_equal.where(labels >= 0, torch.zeros_like(better_or_equal))
     return [int(r) for r in ranks.tolist()]
+
+
+def metrics_from_scored(
+    queries: Sequence[Query],
+    scored: Sequence[Sequence[tuple[str, float, float]]],
+    ks: Sequence[int] = (1, 5, 10),
+) -> Metrics:
+    """:func:`evaluate`'s metrics from :func:`score_queries`' output for the
+    same queries, with :func:`rank_of_gold`'s rule (ties count against the
+    gold): a caller that already scored a split need not score it again."""
+    ranks = []
+    for q, cands in zip(queries, scored, strict=True):
+        g = q.gold_index()
+        ranks.append(0 if g < 0 else sum(s >= cands[g][1] for _, s, _ in cands))
+    return metrics_from_ranks(ranks, ks)
+
+
+def top1_right(
+    queries: Sequence[Query], scored: Sequence[Sequence[tuple[str, float, float]]]
+) -> list[bool]:
+    """Per query, whether its best-scored candidate (the first on a tie, as
+    serving answers) is the gold: what calibration predicts. A query with no
+    candidates, or whose gold is not among them, is wrong."""
+    return [
+        bool(cands) and max(cands, key=lambda c: c[1])[0] == q.gold
+        for q, cands in zip(queries, scored, strict=True)
+    ]
 
 
 def _batches(

@@ -200,3 +200,22 @@ def test_score_scale_is_the_temperature_whichever_kind_is_chosen() -> None:
         assert cal.kind == kinds[0]
         assert cal.info["score_temperature"] == fit_temperature(rows, right) > 1.5
         assert cal.score_scale() == pytest.approx(fit_temperature(rows, right))
+
+
+@pytest.mark.parametrize("n", [9, 10, 11, 40])
+@pytest.mark.parametrize("kind", ["mixed", "all_right", "all_wrong"])
+def test_calibratable_says_exactly_when_fit_calibrator_fits(n: int, kind: str) -> None:
+    from kronlink.calibration import FOLDS, calibratable
+
+    rng = np.random.default_rng(n)
+    rows = [list(rng.normal(size=3)) for _ in range(n)]
+    correct = {"mixed": [i % 3 == 0 for i in range(n)], "all_right": [True] * n}.get(
+        kind, [False] * n
+    )
+    fits = True
+    try:
+        fit_calibrator(rows, correct)
+    except ValueError:
+        fits = False
+    assert calibratable(correct) == fits
+    assert fits == (kind == "mixed" and n >= 2 * FOLDS)

@@ -293,6 +293,10 @@ def test_update_job_serves_at_least_the_retrievers_test_top1_on_icd10cm() -> Non
     # the same version with the prior zeroed ranks below its retriever
     assert alone["test"]["accuracy"] < info["test_top1_retriever"], numbers
     assert res.gate_passed and res.gate_message == ""
+    # the model-alone dev numbers reuse the margin scaling's pass: the same as a fresh one
+    from kronlink.evaluation import evaluate
+
+    assert alone["dev"] == evaluate(model, dev, batch_size=request.eval_batch_size).as_dict()
     # the margin (5 calibrated nats) was put in score units by the model's own
     # dev temperature, recorded where serving reads it back (Calibrator.score_scale)
     from kronlink.calibration import Calibrator, fit_calibrator, fit_temperature

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from kronlink.calibration import (
     Calibrator,
+    calibratable,
     expected_calibration_error,
     fit_calibrator,
     fit_temperature,
@@ -47,7 +48,13 @@ from kronlink.calibration import (
 from kronlink.curvature import TaskState, estimate_curvature
 from kronlink.data.schema import SPLITS, Query, Task
 from kronlink.errors import CheckpointError, ConfigError, DataFormatError
-from kronlink.evaluation import Metrics, evaluate, score_queries
+from kronlink.evaluation import (
+    Metrics,
+    evaluate,
+    metrics_from_scored,
+    score_queries,
+    top1_right,
+)
 from kronlink.models.base import Ranker
 from kronlink.penalties import build_penalty, predicted_forgetting
 from kronlink.retrieval_prior import RetrievalPrior, Searcher, fit_retrieval_prior, retrieval_ranks
@@ -124,6 +131,7 @@ class _Job:
         # nats) times the model's dev temperature (_scale_margin)
         self.margin_scale = 1.0
         self.margin = request.exact_margin
+        self.dev_alone: Metrics | None = None
         self._current = "validate"
 
     # ---- driver ---------------------------------------------------------
@@ -375,14 +383,13 @@ class _Job:
             return
         dev = self.splits["dev"]
         scored = score_queries(self.model, dev, batch_size=self.req.eval_batch_size)
+        # the model_alone ablation's dev metrics: the same scores (_evaluate)
+        self.dev_alone = metrics_from_scored(dev, scored)
         rows = [[s for _, s, _ in cands] for cands in scored]
-        right = [
-            bool(cands) and max(cands, key=lambda c: c[1])[0] == q.gold
-            for q, cands in zip(dev, scored, strict=True)
-        ]
-        # only where _calibrate can fit too (fit_calibrator needs 2 * 5 folds of
-        # dev): a version without a calibration serves at scale 1
-        if len(right) >= 10 and 0 < sum(right) < len(right):
+        right = top1_right(dev, scored)
+        # only where _calibrate can fit too: a version without a calibration
+        # serves at scale 1
+        if calibratable(right):
             self.margin_scale = fit_temperature(rows, right)
         self.margin = self.req.exact_margin * self.margin_scale
         self._emit(
@@ -441,8 +448,12 @@ class _Job:
             variants["exact_only"] = self.margin
         for name, margin in variants.items():
             self.ablations[name] = {
-                split: evaluate(
-                    self.model, self.splits[split], batch_size=size, exact_margin=margin
+                split: (
+                    self.dev_alone
+                    if (name, split) == ("model_alone", "dev") and self.dev_alone is not None
+                    else evaluate(
+                        self.model, self.splits[split], batch_size=size, exact_margin=margin
+                    )
                 ).as_dict()
                 for split in ("dev", "test")
             }
@@ -499,10 +510,7 @@ class _Job:
         for split in ("dev", "test"):
             scored = score_queries(self.model, self.splits[split], **self._served(split))
             rows[split] = [[s for _, s, _ in cands] for cands in scored]
-            right[split] = [
-                bool(cands) and max(cands, key=lambda c: c[1])[0] == q.gold
-                for q, cands in zip(self.splits[split], scored, strict=True)
-            ]
+            right[split] = top1_right(self.splits[split], scored)
         try:
             cal = fit_calibrator(rows["dev"], right["dev"])
         except ValueError as exc:
