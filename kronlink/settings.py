@@ -100,7 +100,9 @@ class Settings(BaseSettings):
     retriever_mode: Literal["bm25", "fused"] = "bm25"
     fusion_w_dense: float = Field(default=1.0, ge=0)
     fusion_w_bm25: float = Field(default=0.25, ge=0)
-    fusion_rrf_k: float = Field(default=10.0, gt=0)
+    # chosen on dev over a grid (bench/fusion_grid.py, results/retrieval/fusion_grid.json);
+    # with w_bm25 < w_dense / (rrf_k + 2) BM25 cannot displace dense's top-1
+    fusion_rrf_k: float = Field(default=1.0, gt=0)
     fusion_depth: int = Field(default=100, ge=1)  # each list's top read into the fusion
     # Failing an exact name, an acronym the ontology spells out ("COPD") or the
     # one concept with the mention's loose key ("kidney stones" = "Stone in

@@ -74,7 +74,7 @@ def retriever_for(
         encoder=encoder,
         w_dense=getattr(settings, "fusion_w_dense", 1.0),
         w_bm25=getattr(settings, "fusion_w_bm25", 0.25),
-        rrf_k=getattr(settings, "fusion_rrf_k", 10.0),
+        rrf_k=getattr(settings, "fusion_rrf_k", 1.0),
         depth=getattr(settings, "fusion_depth", 100),
         variants=variants,
     )

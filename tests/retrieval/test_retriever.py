@@ -151,9 +151,47 @@ def test_real_minilm_finds_lay_wording_that_bm25_misses():
     assert r.dense.encoder.startswith("all-MiniLM-L6-v2@")
     q = r.encoder.encode(["high blood pressure", "heart attack"])
     assert [r.ids[i] for i in r.dense.concept_scores(q).argmax(1)] == ["HP:0000822", "I21.9"]
-    # Fused, BM25's lone hit (0.25/11 + 1/12) edges out dense's first (1/11):
-    # with k = 10 both are candidates, and the ranker decides.
+    # Fused, dense's first keeps first place (1/2 against BM25's lone hit,
+    # 0.25/2 + 1/3); with the earlier rrf_k = 10, BM25's hit edged it out
+    # (0.25/11 + 1/12 > 1/11). Both are candidates, and the ranker decides.
     fused = [c for c, _ in r.search(["high blood pressure"], 2)[0]]
-    assert fused == ["T70.4", "HP:0000822"]
+    assert fused == ["HP:0000822", "T70.4"]
     bm25 = Retriever(concepts, mode="bm25").search(["high blood pressure"], 1)[0][0][0]
     assert bm25 == "T70.4"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_the_default_fusion_keeps_denses_first_place(seed):
+    """With the served defaults (w_bm25 < w_dense / (rrf_k + 2)) the fused
+    first place, failing an exact name, is dense's first; with BM25 weighted
+    past that bound it is not always (so the check can fail)."""
+    from kronlink.settings import Settings
+
+    s = Settings()
+    assert s.fusion_w_bm25 < s.fusion_w_dense / (s.fusion_rrf_k + 2)
+    concepts, _, _, dense, mentions, qv = _random_world(seed)
+    enc = _FixedEncoder(dict(zip(mentions, qv, strict=True)))
+    scores = dense.concept_scores(qv)
+    first = [concepts[int(np.argmax(row))].id for row in scores]  # ties: ontology order
+
+    def tops(w_bm25: float, rrf_k: float) -> list[tuple[str, str]]:
+        r = Retriever(
+            concepts,
+            mode="fused",
+            dense=dense,
+            encoder=enc,
+            w_dense=s.fusion_w_dense,
+            w_bm25=w_bm25,
+            rrf_k=rrf_k,
+            depth=s.fusion_depth,
+        )
+        return [
+            (hits[0][0], want)
+            for m, hits, want in zip(mentions, r.search(mentions, 1), first, strict=True)
+            if not r.exact(m)
+        ]
+
+    kept = tops(s.fusion_w_bm25, s.fusion_rrf_k)
+    assert kept and all(got == want for got, want in kept)
+    moved = tops(4.0, s.fusion_rrf_k)
+    assert any(got != want for got, want in moved)
