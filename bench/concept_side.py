@@ -121,24 +121,16 @@ def _train(tower, bank0, task, a, learn_bank: bool) -> tuple[object, dict]:
 
 
 def _test(tower, kept, dense0, task, bm25, settings: dict) -> dict:
-    from kronlink.retrieval import Retriever
+    from retriever_tune import _fused_recall
+
     from kronlink.retrieval.dense import DenseIndex
     from kronlink.retrieval.tower import recall_at
 
-    test = task.split("test")
     dense = DenseIndex(kept.numpy(), dense0.starts, dense0.ids, dense0.encoder)
-    enc = tower.query_encoder()
-    mentions, golds = [q.mention for q in test], [q.gold for q in test]
-    r = Retriever(task.concepts, mode="fused", dense=dense, encoder=enc, bm25=bm25, **settings)
-    hits = r.search(mentions, max(KS), query_vectors=enc.encode(mentions))
-    fused = {
-        str(k): round(
-            sum(g in [c for c, _ in h[:k]] for h, g in zip(hits, golds, strict=True)) / len(golds),
-            4,
-        )
-        for k in KS
+    return {
+        "dense": recall_at(tower, task.split("test"), KS),
+        "fused": _fused_recall(task, dense, bm25, tower.query_encoder(), settings),
     }
-    return {"dense": recall_at(tower, test, KS), "fused": fused}
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -149,16 +141,11 @@ def run(a: argparse.Namespace) -> dict:
 
     from kronlink.data.builders import build_task
     from kronlink.data.candidates import CandidateIndex
+    from kronlink.retrieval import fusion_settings
     from kronlink.retrieval.tower import QueryTower
     from kronlink.settings import Settings
 
-    s = Settings()
-    settings = {
-        "w_dense": s.fusion_w_dense,
-        "w_bm25": s.fusion_w_bm25,
-        "rrf_k": s.fusion_rrf_k,
-        "depth": s.fusion_depth,
-    }
+    settings = fusion_settings(Settings())
     task = build_task(a.task, seed=0, split_rule="mention", k=10)
     dense0 = _index(a.task, list(task.concepts), a.cache)
     bm25 = CandidateIndex(task.concepts)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import loadavg, write_record
 from retrieval_table import KS, _recall, cached_index
 
 GUARDED = ("1", "10", "25")
@@ -33,7 +34,8 @@ GUARDED = ("1", "10", "25")
 
 class _Memo:
     """Delegates to ``inner``, memoising ``method`` by its arguments' identity:
-    every grid point re-reads the same BM25 lists and cosines."""
+    every grid point re-reads the same BM25 lists and cosines. The memo keeps
+    the arguments alive, so an id is never reused by another array."""
 
     def __init__(self, inner: object, method: str) -> None:
         self._inner, self._method, self._memo = inner, method, {}
@@ -49,8 +51,8 @@ class _Memo:
                 for a in args
             )
             if key not in self._memo:
-                self._memo[key] = attr(*args)
-            return self._memo[key]
+                self._memo[key] = (args, attr(*args))
+            return self._memo[key][1]
 
         return memoised
 
@@ -195,15 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": encoder_version(),
         "depth": a.depth,
         "split": "dev and test, seed 0, by mention",
-        "loadavg_before": os.getloadavg(),
+        "loadavg_before": loadavg(),
         "cpus": os.cpu_count(),
         "tasks": {},
     }
     for name in a.tasks:
         record["tasks"][name] = measure(name, a.cache, grid, a.depth)
-        record["loadavg_after"] = os.getloadavg()
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(a.json, record)
     print(table(record))
     return 0
 

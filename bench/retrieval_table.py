@@ -183,16 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.table:
         print(table(json.loads(a.table.read_text())))
         return 0
-    from kronlink.retrieval import encoder_version
+    from kronlink.retrieval import encoder_version, fusion_settings
     from kronlink.settings import Settings
 
-    s = Settings()
-    settings = {
-        "w_dense": s.fusion_w_dense,
-        "w_bm25": s.fusion_w_bm25,
-        "rrf_k": s.fusion_rrf_k,
-        "depth": s.fusion_depth,
-    }
+    settings = fusion_settings(Settings())
     record = {
         "command": " ".join(sys.argv),
         "encoder": encoder_version(),

@@ -111,16 +111,11 @@ def run(a: argparse.Namespace) -> dict:
     from kronlink.data.builders import build_task
     from kronlink.data.candidates import CandidateIndex
     from kronlink.penalties import build_penalty
+    from kronlink.retrieval import fusion_settings
     from kronlink.retrieval.tower import QueryTower, TuneConfig, tune
     from kronlink.settings import Settings
 
-    s = Settings()
-    settings = {
-        "w_dense": s.fusion_w_dense,
-        "w_bm25": s.fusion_w_bm25,
-        "rrf_k": s.fusion_rrf_k,
-        "depth": s.fusion_depth,
-    }
+    settings = fusion_settings(Settings())
     record: dict = {
         "command": " ".join(sys.argv),
         "machine": f"{__import__('os').cpu_count()} CPUs, no GPU",

@@ -72,12 +72,21 @@ def retriever_for(
         mode="fused",
         dense=dense,
         encoder=encoder,
-        w_dense=getattr(settings, "fusion_w_dense", 1.0),
-        w_bm25=getattr(settings, "fusion_w_bm25", 0.25),
-        rrf_k=getattr(settings, "fusion_rrf_k", 1.0),
-        depth=getattr(settings, "fusion_depth", 100),
         variants=variants,
+        **fusion_settings(settings),
     )
+
+
+def fusion_settings(settings: object) -> dict[str, float]:
+    """The fusion's keyword arguments for :class:`Retriever` (``w_dense``,
+    ``w_bm25``, ``rrf_k``, ``depth``) from ``settings``; the benches record
+    them as they are served."""
+    return {
+        "w_dense": getattr(settings, "fusion_w_dense", 1.0),
+        "w_bm25": getattr(settings, "fusion_w_bm25", 0.25),
+        "rrf_k": getattr(settings, "fusion_rrf_k", 1.0),
+        "depth": getattr(settings, "fusion_depth", 100),
+    }
 
 
 def task_retriever(task: Task, settings: object) -> Retriever:
